@@ -1,0 +1,19 @@
+# The two commands of the README: `make demo` and `make test` (each creates .venv on first use).
+VENV := .venv
+PY := $(VENV)/bin/python
+export WANDB_MODE ?= offline
+
+.PHONY: demo test install clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(wildcard requirements/lock-py*.txt) tools/install.sh
+	sh tools/install.sh
+
+demo: install
+	$(PY) paper_repro/hinton2015/run.py --source mnist5k --workdir runs/hinton2015
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

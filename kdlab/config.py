@@ -1,0 +1,122 @@
+"""Loading ``configs/<family>.py:<variant>`` files and applying command-line overrides.
+
+An override is ``--config.PATH=VALUE`` where PATH is dotted with list indices,
+e.g. ``--config.objective[1].temperature=20``; VALUE is a Python literal
+(falls back to a plain string). Only existing fields can be overridden.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+import re
+from typing import Any, Sequence
+
+import ml_collections
+
+from kdlab.errors import UserError
+
+_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """``"configs/hinton_mnist.py:kd"`` -> that file's ``get_config("kd")``."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise UserError(f"--config: no config file {path!r}; pass e.g. --config=configs/hinton_mnist.py:kd")
+  module_spec = importlib.util.spec_from_file_location(f"kdlab_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"--config: {path} defines no get_config(arg)")
+  try:
+    config = module.get_config(arg or None)
+  except UserError:
+    raise
+  except (ValueError, KeyError) as e:
+    raise UserError(f"--config={spec}: {e}") from None
+  return ml_collections.ConfigDict(config) if isinstance(config, dict) else config
+
+
+def parse_path(path: str) -> list[str | int]:
+  """``"objective[1].temperature"`` -> ``["objective", 1, "temperature"]``."""
+  parts: list[str | int] = []
+  for dotted in path.split("."):
+    pos = 0
+    for m in _TOKEN.finditer(dotted):
+      if m.start() != pos:
+        break
+      parts.append(m.group(1) if m.group(1) else int(m.group(2)))
+      pos = m.end()
+    if pos != len(dotted) or not dotted:
+      raise UserError(f"--config.{path}: cannot parse the field path (use a.b[0].c)")
+  return parts
+
+
+def parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def override(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
+  """Sets the existing field ``path`` of ``config`` to ``value`` (type-checked)."""
+  parts = parse_path(path)
+  node: Any = config
+  for i, key in enumerate(parts[:-1]):
+    node = _child(node, key, path, parts[:i + 1])
+  last = parts[-1]
+  old = _child(node, last, path, parts)
+  if old is not None and value is not None and not _compatible(old, value):
+    raise UserError(f"--config.{path}={value!r}: expected a value of type {type(old).__name__} "
+                    f"like the default {old!r}")
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(node, ml_collections.ConfigDict):
+    with node.ignore_type():
+      setattr(node, last, value)
+  else:
+    node[last] = value
+
+
+def _child(node: Any, key: str | int, path: str, upto: Sequence[str | int]) -> Any:
+  where = "config." + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in upto).lstrip(".")
+  if isinstance(key, int):
+    if not isinstance(node, (list, tuple)) or not -len(node) <= key < len(node):
+      raise UserError(f"--config.{path}: {where} does not exist (index out of range or not a list)")
+    return node[key]
+  if isinstance(node, ml_collections.ConfigDict):
+    if key not in node:
+      raise UserError(f"--config.{path}: unknown config field {where}; check the spelling "
+                      f"(fields here: {', '.join(sorted(node.keys()))})")
+    return node[key]
+  if isinstance(node, dict):
+    if key not in node:
+      raise UserError(f"--config.{path}: unknown config field {where}; fields here: {', '.join(sorted(node))}")
+    return node[key]
+  raise UserError(f"--config.{path}: {where} does not exist")
+
+
+def _compatible(old: Any, new: Any) -> bool:
+  if isinstance(old, bool) or isinstance(new, bool):
+    return isinstance(old, bool) and isinstance(new, bool)
+  if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+    return not (isinstance(old, int) and isinstance(new, float))
+  if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+    return True
+  if isinstance(old, (dict, ml_collections.ConfigDict)) and isinstance(new, dict):
+    return True
+  return type(old) is type(new)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies ``--config.PATH=VALUE`` arguments; anything else is an error naming it."""
+  for arg in args:
+    if not arg.startswith("--config.") or "=" not in arg:
+      raise UserError(f"unexpected argument {arg!r}; overrides look like --config.FIELD=VALUE")
+    path, _, text = arg.removeprefix("--config.").partition("=")
+    override(config, path, parse_value(text))
+  return config

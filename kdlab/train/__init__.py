@@ -1,0 +1,1 @@
+"""Training: mesh, state, jitted step, checkpoints, logging, evaluation, the loop."""

@@ -1,0 +1,298 @@
+"""``train(config, workdir)``: validate everything, then train, evaluate, checkpoint and log.
+
+All validation happens in :func:`prepare`, before anything is written, so bad
+input never touches an existing workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from kdlab import data as kdata
+from kdlab import models, objectives
+from kdlab.errors import UserError
+from kdlab.train import checkpoint, mesh as meshlib, optim
+from kdlab.train.logging import MetricsLog, WandbLog
+from kdlab.train.state import Learner, TrainState, init_state
+from kdlab.train.step import Teacher, accumulate, make_eval_step, make_train_step, reduce_metrics
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a validated config, before any workdir write."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  train_source: kdata.Source
+  test_source: kdata.Source
+  student_kwargs: dict[str, Any]
+  teacher_specs: list[dict[str, Any]]
+  objective: objectives.Objective
+  learner: Learner
+  steps_per_epoch: int
+  total_steps: int
+
+
+def _model_kwargs(cfg: Any, field: str) -> dict[str, Any]:
+  kwargs = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  name = kwargs.get("name")
+  if name not in models.names():
+    raise UserError(f"{field}.name: unknown model {name!r}; choose one of {', '.join(models.names())}")
+  return kwargs
+
+
+def _create(kwargs: dict[str, Any], field: str, seed: int) -> nnx.Module:
+  kwargs = dict(kwargs)
+  try:
+    return models.create(kwargs.pop("name"), seed=seed, **kwargs)
+  except TypeError as e:
+    raise UserError(f"{field}: {e}") from None
+  except ValueError as e:
+    raise UserError(f"{field}: {e}") from None
+
+
+def _teacher_spec(entry: Any, i: int) -> dict[str, Any]:
+  """Resolves ``config.teachers[i]``: its checkpoint and model (from the teacher run's config.json)."""
+  field = f"config.teachers[{i}]"
+  entry = dict(entry)
+  init = entry.get("init")
+  if not init:
+    raise UserError(f"{field}.init: missing; set it to a finished run's checkpoints/ folder")
+  ckpt = pathlib.Path(init)
+  if not ckpt.is_dir() or not any(p.name.isdigit() for p in ckpt.iterdir()):
+    raise UserError(f"{field}.init: no teacher checkpoint at {init!r}; train the teacher first "
+                    f"(kdlab train --config=...:teacher --workdir=...) or fix the path")
+  run_config = ckpt.parent / "config.json"
+  if run_config.exists():
+    model = json.loads(run_config.read_text())["model"]
+  elif "model" in entry:
+    model = entry["model"] if isinstance(entry["model"], dict) else {"name": entry["model"]}
+  else:
+    raise UserError(f"{field}.model: {init!r} has no config.json beside it; give the teacher's model dict")
+  return {"name": entry.get("name", f"t{i}"), "init": str(ckpt), "model": _model_kwargs(model, f"{field}.model")}
+
+
+def prepare(config: ml_collections.ConfigDict) -> Setup:
+  """Validates ``config`` and builds sources, models and the objective (abstractly where costly)."""
+  mesh = meshlib.make_mesh(config.mesh)
+  data_cfg = config.data
+  meshlib.check_batch_size(data_cfg.batch_size, mesh)
+  meshlib.check_batch_size(data_cfg.eval_batch_size, mesh, "config.data.eval_batch_size")
+  train_source = kdata.load(data_cfg.source, "train", data_dir=data_cfg.get("data_dir"))
+  train_source = train_source.without_labels(list(data_cfg.get("exclude_labels", ())))
+  test_source = kdata.load(data_cfg.source, "test", data_dir=data_cfg.get("data_dir"))
+  if data_cfg.batch_size > len(train_source):
+    raise UserError(f"config.data.batch_size={data_cfg.batch_size} exceeds the {len(train_source)} training examples")
+
+  student_kwargs = _model_kwargs(config.model, "config.model")
+  student = nnx.eval_shape(lambda: _create(student_kwargs, "config.model", config.seed))
+  teacher_specs = [_teacher_spec(t, i) for i, t in enumerate(config.teachers)]
+  teachers = [nnx.eval_shape(lambda s=s, i=i: _create(s["model"], f"config.teachers[{i}].model", 0))
+              for i, s in enumerate(teacher_specs)]
+
+  x = jax.ShapeDtypeStruct((data_cfg.batch_size, *train_source.image_shape), jnp.float32)
+
+  def forward(model):
+    return jax.eval_shape(lambda m, x: objectives.ModelOutput(*m(x, train=False)), model, x)
+
+  s_out = forward(student)
+  t_outs = [forward(t) for t in teachers]
+  for i, t_out in enumerate(t_outs):
+    if t_out.logits.shape[-1] != s_out.logits.shape[-1]:
+      raise UserError(f"config.teachers[{i}]: the teacher predicts {t_out.logits.shape[-1]} classes but the "
+                      f"student {s_out.logits.shape[-1]}; use models with the same num_classes")
+  if s_out.logits.shape[-1] != train_source.num_classes:
+    raise UserError(f"config.model.num_classes: the model predicts {s_out.logits.shape[-1]} classes but "
+                    f"{data_cfg.source} has {train_source.num_classes}")
+  shapes = objectives.Shapes(s_out, t_outs, [s["name"] for s in teacher_specs], len(train_source))
+  objective = objectives.build(config.objective, shapes, nnx.Rngs(config.seed + 1))
+
+  steps_per_epoch = len(train_source) // data_cfg.batch_size
+  total_steps = config.train.get("num_steps") or int(config.train.num_epochs * steps_per_epoch)
+  if total_steps <= 0:
+    raise UserError("config.train.num_epochs (or num_steps) must be > 0")
+  optim.make(config.optimizer, steps_per_epoch, total_steps)  # Validates the optimizer fields.
+  learner = Learner(_create(student_kwargs, "config.model", config.seed), objective.connectors())
+  return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
+               steps_per_epoch, total_steps)
+
+
+def _check_workdir(workdir: pathlib.Path, config_json: str) -> None:
+  existing = workdir / "config.json"
+  if existing.exists() and json.loads(existing.read_text()) != json.loads(config_json):
+    raise UserError(f"--workdir={workdir}: it holds a run with a different config; use a new workdir "
+                    f"(or delete it) to start another run")
+
+
+def _load_teachers(setup: Setup, mesh: jax.sharding.Mesh) -> tuple[list[Teacher], list[Any]]:
+  """Frozen teachers and their variables ``(params, rest)``, replicated on the mesh."""
+  teachers, variables = [], []
+  for i, spec in enumerate(setup.teacher_specs):
+    field = f"config.teachers[{i}]"
+    model = _create(spec["model"], f"{field}.model", 0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    saved_params, saved_rest = checkpoint.load_student_variables(spec["init"], f"{field}.init")
+    try:
+      loaded = (_like(nnx.to_pure_dict(params), saved_params), _like(nnx.to_pure_dict(rest), saved_rest, strict=False))
+    except (KeyError, ValueError):
+      raise UserError(f"{field}.init: the checkpoint does not match model {spec['model']['name']!r} "
+                      f"(different architecture or sizes)") from None
+    variables.append(jax.device_put(loaded, meshlib.replicated(mesh)))
+    teachers.append(Teacher(spec["name"], graphdef))
+  return teachers, variables
+
+
+def _like(fresh: Any, saved: Any, strict: bool = True) -> Any:
+  """``saved`` values in the structure of ``fresh`` (orbax turns int keys into strings).
+
+  With ``strict=False`` missing entries and PRNG keys keep their fresh values.
+  """
+  if isinstance(fresh, dict):
+    saved = saved if isinstance(saved, dict) else {}
+    return {k: _like(v, saved.get(k, saved.get(str(k))), strict) for k, v in fresh.items()}
+  if saved is None or jnp.issubdtype(fresh.dtype, jax.dtypes.prng_key):
+    if strict:
+      raise KeyError("missing entry")
+    return fresh
+  if saved.shape != fresh.shape:
+    raise ValueError(f"shape {saved.shape} != {fresh.shape}")
+  return jnp.asarray(saved, fresh.dtype)
+
+
+def evaluate(eval_step, state: TrainState, teacher_vars: Sequence[Any], source: kdata.Source, config: Any,
+             mesh: jax.sharding.Mesh, logit_offset: np.ndarray | None = None) -> dict[str, Any]:
+  """Student metrics over the whole split ``source``."""
+  data_cfg = config.data
+  offset = jnp.zeros((source.num_classes,), jnp.float32) if logit_offset is None else jnp.asarray(logit_offset)
+  totals: dict[str, Any] = {}
+  for batch in kdata.eval_batches(source, batch_size=data_cfg.eval_batch_size, mean=data_cfg.mean, std=data_cfg.std):
+    totals = accumulate(totals, eval_step(state, teacher_vars, _global(batch, mesh), offset))
+  return reduce_metrics(totals)
+
+
+def _global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  sharding = meshlib.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use_wandb: bool = True,
+          progress: bool = True) -> dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir``; returns the summary also written to ``summary.json``."""
+  start = time.time()
+  setup = prepare(config)
+  workdir = pathlib.Path(workdir)
+  config_json = config.to_json(indent=2, sort_keys=True)
+  _check_workdir(workdir, config_json)
+  mesh = setup.mesh
+  teachers, teacher_vars = _load_teachers(setup, mesh)
+
+  # Everything is valid: from here on the workdir is written.
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config_json)
+  tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
+  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed)
+  state = jax.device_put(state, meshlib.replicated(mesh))
+  dataset = kdata.train_dataset(setup.train_source, batch_size=config.data.batch_size, seed=config.seed,
+                                augment=config.data.augment, mean=config.data.mean, std=config.data.std)
+  data_iter = iter(dataset.to_iter_dataset())
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state)
+    data_iter.set_state(data_state)
+  start_step = int(state.step)
+
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  train_step = jax.jit(make_train_step(graphdef, setup.objective, tx, teachers),
+                       out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.train_source.num_classes))
+  log = MetricsLog(workdir, start_step)
+  wandb_log = WandbLog(workdir, json.loads(config_json), enabled=use_wandb, project=config.get("wandb_project", "kdlab"),
+                       group=config.get("wandb_group") or None, tags=tuple(config.get("wandb_tags", ())))
+
+  eval_every = max(1, int(round(config.train.eval_every_epochs * setup.steps_per_epoch)))
+  ckpt_every = max(1, int(round(config.train.checkpoint_every_epochs * setup.steps_per_epoch)))
+  log_every = max(1, min(config.train.log_every_steps, setup.steps_per_epoch))
+  totals: dict[str, Any] = {}
+  best = max((m.get("test/accuracy", -1.0) for m in _evals(workdir)), default=-1.0)
+  steps_timed, time_in_steps = 0, 0.0
+  bar = tqdm(total=setup.total_steps, initial=start_step, disable=not progress, desc=workdir.name,
+             mininterval=2.0, dynamic_ncols=True)
+  for step in range(start_step + 1, setup.total_steps + 1):
+    batch = _global(next(data_iter), mesh)
+    t0 = time.time()
+    state, metrics = train_step(state, teacher_vars, batch)
+    totals = accumulate(totals, metrics)
+    save_now = step % ckpt_every == 0 or step == setup.total_steps
+    # Logging at every checkpoint too keeps the averaging windows of a resumed run identical.
+    if step % log_every == 0 or save_now:
+      values = reduce_metrics(totals)
+      totals = {}
+      if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"loss became {values['loss']} at step {step}; lower the learning rate or check inputs")
+      values["epoch"] = step / setup.steps_per_epoch
+      log.write(step, values)
+      wandb_log.write(step, values)
+      bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+    if step > start_step + 1:  # The first step compiles; leave it out of the speed figure.
+      jax.block_until_ready(state.step)
+      steps_timed += 1
+      time_in_steps += time.time() - t0
+    if step % eval_every == 0 or step == setup.total_steps:
+      values = evaluate(eval_step, state, teacher_vars, setup.test_source, config, mesh)
+      best = max(best, values["test/accuracy"])
+      log.write(step, {**values, "epoch": step / setup.steps_per_epoch})
+      wandb_log.write(step, values)
+    if save_now:
+      ckpt.save(step, state, data_iter.get_state())
+    bar.update(1)
+  bar.close()
+
+  final = evaluate(eval_step, state, teacher_vars, setup.test_source, config, mesh)
+  summary = {
+      "steps": setup.total_steps,
+      "test_accuracy": final["test/accuracy"],
+      "best_test_accuracy": max(best, final["test/accuracy"]),
+      "test_errors": int(final["test/errors"]),
+      "test_errors_per_class": [int(e) for e in final["test/errors_per_class"]],
+      "test_examples": len(setup.test_source),
+      "test_ce": final["test/ce"],
+      "agreement_top1": final.get("agreement/top1"),
+      "kl_teacher": final.get("test/kl_teacher"),
+      "wall_time_s": time.time() - start,
+      "steps_per_s": steps_timed / time_in_steps if time_in_steps else None,
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  wandb_log.write(setup.total_steps, {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+  wandb_log.close()
+  ckpt.close()
+  return summary
+
+
+def _evals(workdir: pathlib.Path) -> list[dict[str, Any]]:
+  from kdlab.train.logging import read_metrics
+  return [m for m in read_metrics(workdir) if "test/accuracy" in m]
+
+
+def evaluate_run(workdir: str | pathlib.Path, *, logit_offset: np.ndarray | None = None) -> dict[str, Any]:
+  """Test metrics of a finished run's last checkpoint, optionally with ``logit_offset [C]`` added."""
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  setup = prepare(config)
+  teachers, teacher_vars = _load_teachers(setup, setup.mesh)
+  tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
+  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed)
+  state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(jax.device_put(state, meshlib.replicated(setup.mesh)))
+  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.train_source.num_classes))
+  return evaluate(eval_step, state, teacher_vars, setup.test_source, config, setup.mesh, logit_offset)

@@ -1,0 +1,69 @@
+"""The learner (student + connectors) and the train state pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class Learner(nnx.Module):
+  """Everything that is trained: the student and the objective's connectors."""
+
+  def __init__(self, student: nnx.Module, connectors: Mapping[str, nnx.Module]):
+    self.student = student
+    self.connectors = nnx.Dict(dict(connectors))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """The whole training state, a pytree of arrays (checkpointed as is).
+
+  Attributes:
+    step: optimizer steps taken (int32 scalar).
+    params: the learner's ``nnx.Param`` values as a pure dict.
+    rest: the learner's other variables (batch statistics, RNG streams) as a pure dict.
+    opt_state: the optax state of ``params``.
+    term_states: states of stateful loss terms by term name (e.g. CRD memory banks).
+    key: PRNG key (raw uint32 data) for stochastic loss terms.
+  """
+  step: jax.Array
+  params: Any
+  rest: Any
+  opt_state: Any
+  term_states: Any
+  key: jax.Array
+
+
+def split_learner(learner: Learner) -> tuple[nnx.GraphDef, Any, Any]:
+  graphdef, params, rest = nnx.split(learner, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def init_state(learner: Learner, tx: optax.GradientTransformation, term_states: Mapping[str, Any],
+               seed: int) -> tuple[nnx.GraphDef, TrainState]:
+  graphdef, params, rest = split_learner(learner)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
+                     term_states=dict(term_states),
+                     key=jax.random.key_data(jax.random.key(seed + 1_000_003)))
+  return graphdef, state
+
+
+def keys_to_data(tree: Any) -> Any:
+  """Typed PRNG key leaves -> raw uint32 data (what orbax can store)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def data_to_keys(tree: Any, like: Any) -> Any:
+  """Inverse of :func:`keys_to_data`, guided by ``like`` (a tree with typed keys)."""
+  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+                      if _is_key(ref) else x, tree, like)
+
+
+def _is_key(x: Any) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -1,0 +1,134 @@
+"""The jitted train and eval steps.
+
+One step: frozen teachers (eval mode, ``stop_gradient``) and the student see
+the same batch; the objective gives ``(loss, metrics)``; gradients are taken
+w.r.t. the learner's parameters only. Metrics are ``(sum, count)`` pairs so
+averages stay exact across devices and hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kdlab.objectives import ModelOutput, Objective, StepInputs
+from kdlab.train.state import TrainState
+
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher's name and graph; its variables ``(params, rest)`` are passed to the step."""
+  name: str
+  graphdef: nnx.GraphDef
+
+
+def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.Array) -> list[ModelOutput]:
+  outs = []
+  for teacher, v in zip(teachers, variables):
+    logits, feats = nnx.merge(teacher.graphdef, *v)(x, train=False)
+    outs.append(jax.lax.stop_gradient(ModelOutput(logits, feats)))
+  return outs
+
+
+def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
+                    teachers: Sequence[Teacher]) -> Callable[[TrainState, Sequence[Any], dict], tuple[TrainState, Metrics]]:
+  """``step(state, teacher_variables, batch) -> (state, metrics)`` (not yet jitted)."""
+
+  def step(state: TrainState, teacher_variables: Sequence[Any], batch: dict) -> tuple[TrainState, Metrics]:
+    t_outs = run_teachers(teachers, teacher_variables, batch["image"])
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+
+    def loss_fn(params):
+      learner = nnx.merge(graphdef, params, state.rest)
+      logits, feats = learner.student(batch["image"], train=True)
+      inputs = StepInputs(ModelOutput(logits, feats), t_outs, batch, state.step, key)
+      loss, metrics, term_states = objective(learner.connectors, inputs, state.term_states)
+      _, _, rest = nnx.split(learner, nnx.Param, ...)
+      return loss, (metrics, term_states, nnx.to_pure_dict(rest), logits)
+
+    (loss, (metrics, term_states, rest, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ones = jnp.ones((), jnp.float32)
+    metrics = dict(metrics)
+    metrics["l2_grads"] = (optax.tree.norm(grads), ones)
+    metrics["l2_params"] = (optax.tree.norm(params), ones)
+    metrics["l2_updates"] = (optax.tree.norm(updates), ones)
+    mask = batch["mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    metrics["train/accuracy"] = (jnp.sum(correct * mask), jnp.sum(mask))
+    new_state = dataclasses.replace(state, step=state.step + 1, params=params, rest=rest,
+                                    opt_state=opt_state, term_states=term_states)
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], num_classes: int
+                   ) -> Callable[[TrainState, Sequence[Any], dict, jax.Array], Metrics]:
+  """``eval_step(state, teacher_variables, batch, logit_offset) -> metrics`` of the student.
+
+  Metrics: ``test/accuracy``, ``test/ce``, per-class error counts
+  ``test/errors_per_class`` (``[C]``), and against the first teacher
+  ``agreement/top1`` and ``test/kl_teacher`` (KL(p_t || p_s) at T = 1).
+  ``logit_offset [C]`` is added to the student's logits (e.g. a bias correction).
+  """
+
+  def eval_step(state: TrainState, teacher_variables: Sequence[Any], batch: dict,
+                logit_offset: jax.Array) -> Metrics:
+    learner = nnx.merge(graphdef, state.params, state.rest)
+    logits, _ = learner.student(batch["image"], train=False)
+    logits = logits.astype(jnp.float32) + logit_offset
+    mask = batch["mask"].astype(jnp.float32)
+    count = jnp.sum(mask)
+    pred = jnp.argmax(logits, -1)
+    wrong = (pred != batch["label"]).astype(jnp.float32) * mask
+    log_p = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(log_p, batch["label"][:, None], -1)[:, 0]
+    per_class = jax.ops.segment_sum(wrong, batch["label"], num_segments=num_classes)
+    metrics: Metrics = {
+        "test/accuracy": (count - jnp.sum(wrong), count),
+        "test/errors": (jnp.sum(wrong), jnp.ones((), jnp.float32)),
+        "test/errors_per_class": (per_class, jnp.ones((), jnp.float32)),
+        "test/ce": (jnp.sum(nll * mask), count),
+    }
+    if teachers:
+      t_logits = run_teachers(teachers[:1], teacher_variables[:1], batch["image"])[0].logits.astype(jnp.float32)
+      log_q = jax.nn.log_softmax(t_logits)
+      kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), -1)
+      agree = (jnp.argmax(t_logits, -1) == pred).astype(jnp.float32)
+      metrics["agreement/top1"] = (jnp.sum(agree * mask), count)
+      metrics["test/kl_teacher"] = (jnp.sum(kl * mask), count)
+    return metrics
+
+  return eval_step
+
+
+def reduce_metrics(totals: dict[str, Any]) -> dict[str, Any]:
+  """``{name: (sum, count)}`` -> ``{name: sum / count}`` (vectors become lists).
+
+  Names ending in ``errors``/``errors_per_class`` are counts: reported as sums.
+  """
+  out = {}
+  for name, (s, c) in totals.items():
+    value = jax.device_get(s) if name.endswith(("errors", "errors_per_class")) else jax.device_get(s) / jax.device_get(c)
+    out[name] = value.tolist() if getattr(value, "ndim", 0) else float(value)
+  return out
+
+
+def accumulate(totals: dict[str, Any], metrics: Metrics) -> dict[str, Any]:
+  """Adds one step's ``(sum, count)`` metrics into running totals."""
+  for name, (s, c) in metrics.items():
+    if name in totals:
+      ts, tc = totals[name]
+      totals[name] = (ts + s, tc + c)
+    else:
+      totals[name] = (s, c)
+  return totals
