@@ -79,9 +79,9 @@ def plot(root: pathlib.Path, names: list[str], seeds: list[int], out: pathlib.Pa
         break
     epochs = curves[0][0]
     errs = np.asarray([c[1] for c in curves])
-    ax.plot(epochs, errs.mean(0), marker="o", ms=3, label=name)
+    line, = ax.plot(epochs, errs.mean(0), marker="o", ms=3, label=name)
     if len(errs) > 1:
-      ax.fill_between(epochs, errs.min(0), errs.max(0), alpha=0.2)
+      ax.fill_between(epochs, errs.min(0), errs.max(0), alpha=0.2, color=line.get_color())
   ax.set_xlabel("epoch")
   ax.set_ylabel("test error (%)")
   ax.set_ylim(bottom=0)
