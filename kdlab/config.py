@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import pathlib
 import re
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -28,7 +29,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise UserError(f"--config: no config file {path!r}; pass e.g. --config=configs/hinton_mnist.py:kd")
   module_spec = importlib.util.spec_from_file_location(f"kdlab_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  # Config files import shared pieces from their own folder (configs/common.py).
+  sys.path.insert(0, str(file.parent.absolute()))
+  try:
+    module_spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(file.parent.absolute()))
   if not hasattr(module, "get_config"):
     raise UserError(f"--config: {path} defines no get_config(arg)")
   try:

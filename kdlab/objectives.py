@@ -116,13 +116,20 @@ _SCHEDULE_ALIASES = {
 }
 
 
-def make_weight(weight: Any, where: str) -> Callable[[jax.Array], jax.Array]:
-  """A number or an optax schedule description -> ``step -> weight``."""
-  if isinstance(weight, (int, float)) and not isinstance(weight, bool):
-    return optax.constant_schedule(float(weight))
-  if not isinstance(weight, Mapping) or "schedule" not in weight:
-    raise UserError(f"{where}.weight: expected a number or dict(schedule=..., ...), got {weight!r}")
-  kwargs = dict(weight)
+def make_schedule(value: Any, field: str) -> Callable[[jax.Array], jax.Array]:
+  """A number or an optax schedule description -> ``step -> value``.
+
+  ``dict(schedule="linear", init=0.0, end=1.0, steps=100)`` (short form), or
+  any ``optax.schedules`` function by name with its own keyword arguments,
+  e.g. ``dict(schedule="cosine_decay", init_value=1.0, decay_steps=1000)``.
+  """
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return optax.constant_schedule(float(value))
+  if hasattr(value, "to_dict"):  # an ml_collections.ConfigDict
+    value = value.to_dict()
+  if not isinstance(value, Mapping) or "schedule" not in value:
+    raise UserError(f"{field}: expected a number or dict(schedule=..., ...), got {value!r}")
+  kwargs = dict(value)
   kind = kwargs.pop("schedule")
   if kind in _SCHEDULE_ALIASES:
     fn_name, renames = _SCHEDULE_ALIASES[kind]
@@ -131,11 +138,11 @@ def make_weight(weight: Any, where: str) -> Callable[[jax.Array], jax.Array]:
     fn_name = kind if kind.endswith("schedule") else f"{kind}_schedule"
   fn = getattr(optax.schedules, fn_name, None)
   if fn is None:
-    raise UserError(f"{where}.weight: unknown schedule {kind!r}; use 'linear', 'constant' or an optax.schedules name")
+    raise UserError(f"{field}: unknown schedule {kind!r}; use 'linear', 'constant' or an optax.schedules name")
   try:
     return fn(**kwargs)
   except TypeError as e:
-    raise UserError(f"{where}.weight: bad arguments for optax.schedules.{fn_name}: {e}") from None
+    raise UserError(f"{field}: bad arguments for optax.schedules.{fn_name}: {e}") from None
 
 
 class Objective:
@@ -197,7 +204,7 @@ def build(specs: Sequence[Mapping[str, Any]], shapes: Shapes, rngs: nnx.Rngs) ->
     if name in seen:
       raise UserError(f"{where}: two terms are named {name!r}; give one a distinct name=...")
     seen.add(name)
-    weight = make_weight(spec.pop("weight", 1.0), where)
+    weight = make_schedule(spec.pop("weight", 1.0), f"{where}.weight")
     builder, group = _BUILDERS[loss]
     where = f"{where} ({name})"
     try:

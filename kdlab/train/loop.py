@@ -27,7 +27,7 @@ from kdlab.errors import UserError
 from kdlab.train import checkpoint, mesh as meshlib, optim
 from kdlab.train.logging import MetricsLog, WandbLog
 from kdlab.train.state import Learner, TrainState, init_state
-from kdlab.train.step import Teacher, accumulate, make_eval_step, make_train_step, reduce_metrics
+from kdlab.train.step import Teacher, accumulate, make_eval_step, make_train_step, reduce_metrics, run_teachers
 
 
 @dataclasses.dataclass
@@ -43,6 +43,8 @@ class Setup:
   learner: Learner
   steps_per_epoch: int
   total_steps: int
+  ema_decay: Any = None
+  shapes: objectives.Shapes | None = None
 
 
 def _model_kwargs(cfg: Any, field: str) -> dict[str, Any]:
@@ -116,7 +118,13 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   if s_out.logits.shape[-1] != train_source.num_classes:
     raise UserError(f"config.model.num_classes: the model predicts {s_out.logits.shape[-1]} classes but "
                     f"{data_cfg.source} has {train_source.num_classes}")
-  shapes = objectives.Shapes(s_out, t_outs, [s["name"] for s in teacher_specs], len(train_source))
+  teacher_names = [s["name"] for s in teacher_specs]
+  ema_decay = None
+  if config.get("ema_teacher"):
+    ema_decay = objectives.make_schedule(config.ema_teacher.get("decay", 0.999), "config.ema_teacher.decay")
+    _check_decay(config.ema_teacher.get("decay", 0.999), ema_decay)
+    t_outs, teacher_names = [*t_outs, s_out], [*teacher_names, "ema"]
+  shapes = objectives.Shapes(s_out, t_outs, teacher_names, len(train_source))
   objective = objectives.build(config.objective, shapes, nnx.Rngs(config.seed + 1))
 
   steps_per_epoch = len(train_source) // data_cfg.batch_size
@@ -126,7 +134,15 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   optim.make(config.optimizer, steps_per_epoch, total_steps)  # Validates the optimizer fields.
   learner = Learner(_create(student_kwargs, "config.model", config.seed), objective.connectors())
   return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
-               steps_per_epoch, total_steps)
+               steps_per_epoch, total_steps, ema_decay, shapes)
+
+
+def _check_decay(value: Any, schedule: Any) -> None:
+  """EMA decays must lie in [0, 1) (checked at the schedule's ends for schedules)."""
+  probes = [value] if isinstance(value, (int, float)) else [float(schedule(0)), float(schedule(10**9))]
+  for decay in probes:
+    if not 0.0 <= decay < 1.0:
+      raise UserError(f"config.ema_teacher.decay must be in [0, 1), got {decay}")
 
 
 def _check_workdir(workdir: pathlib.Path, config_json: str) -> None:
@@ -189,7 +205,20 @@ def _global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use_wandb: bool = True,
           progress: bool = True) -> dict[str, Any]:
-  """Trains (or resumes) the run in ``workdir``; returns the summary also written to ``summary.json``."""
+  """Trains (or resumes) the run in ``workdir``; returns the summary also written to ``summary.json``.
+
+  With ``config.born_again.generations = K`` it trains a born-again chain instead (see
+  :func:`kdlab.train.born_again.train_chain`).
+  """
+  if config.get("born_again") and config.born_again.get("generations") is not None:
+    from kdlab.train.born_again import train_chain
+    return train_chain(config, workdir, use_wandb=use_wandb, progress=progress)
+  return train_run(config, workdir, use_wandb=use_wandb, progress=progress)
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use_wandb: bool = True,
+              progress: bool = True) -> dict[str, Any]:
+  """Trains (or resumes) one run in ``workdir``."""
   start = time.time()
   setup = prepare(config)
   workdir = pathlib.Path(workdir)
@@ -202,7 +231,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_json)
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
-  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed)
+  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed,
+                               ema=setup.ema_decay is not None)
   state = jax.device_put(state, meshlib.replicated(mesh))
   dataset = kdata.train_dataset(setup.train_source, batch_size=config.data.batch_size, seed=config.seed,
                                 augment=config.data.augment, mean=config.data.mean, std=config.data.std)
@@ -214,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use
   start_step = int(state.step)
 
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  train_step = jax.jit(make_train_step(graphdef, setup.objective, tx, teachers),
+  train_step = jax.jit(make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay),
                        out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.train_source.num_classes))
   log = MetricsLog(workdir, start_step)
@@ -292,7 +322,44 @@ def evaluate_run(workdir: str | pathlib.Path, *, logit_offset: np.ndarray | None
   setup = prepare(config)
   teachers, teacher_vars = _load_teachers(setup, setup.mesh)
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
-  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed)
+  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed,
+                               ema=setup.ema_decay is not None)
   state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(jax.device_put(state, meshlib.replicated(setup.mesh)))
   eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.train_source.num_classes))
   return evaluate(eval_step, state, teacher_vars, setup.test_source, config, setup.mesh, logit_offset)
+
+
+def evaluate_ensemble(checkpoint_dirs: Sequence[str | pathlib.Path], config: ml_collections.ConfigDict
+                      ) -> dict[str, Any]:
+  """Test metrics of the ensemble (mean of probabilities) of finished runs' checkpoints.
+
+  ``config`` gives the data (its ``data`` fields); every member must predict
+  the same classes. Returns ``test/accuracy``, ``test/errors``,
+  ``test/errors_per_class`` and ``test/ce`` of the ensemble.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.teachers = [dict(init=str(d), name=f"member{i}") for i, d in enumerate(checkpoint_dirs)]
+  config.objective = [dict(loss="ce", weight=1.0)]
+  config.ema_teacher = None
+  setup = prepare(config)
+  members, variables = _load_teachers(setup, setup.mesh)
+  num_classes = setup.train_source.num_classes
+
+  @jax.jit
+  def eval_step(variables, batch):
+    outs = run_teachers(members, variables, batch["image"])
+    log_p = jax.nn.logsumexp(jnp.stack([jax.nn.log_softmax(o.logits.astype(jnp.float32)) for o in outs]), axis=0)
+    log_p = log_p - jnp.log(len(outs))
+    mask = batch["mask"].astype(jnp.float32)
+    wrong = (jnp.argmax(log_p, -1) != batch["label"]).astype(jnp.float32) * mask
+    nll = -jnp.take_along_axis(log_p, batch["label"][:, None], -1)[:, 0]
+    one = jnp.ones((), jnp.float32)
+    return {"test/accuracy": (jnp.sum(mask) - jnp.sum(wrong), jnp.sum(mask)), "test/errors": (jnp.sum(wrong), one),
+            "test/errors_per_class": (jax.ops.segment_sum(wrong, batch["label"], num_segments=num_classes), one),
+            "test/ce": (jnp.sum(nll * mask), jnp.sum(mask))}
+
+  totals: dict[str, Any] = {}
+  for batch in kdata.eval_batches(setup.test_source, batch_size=config.data.eval_batch_size,
+                                  mean=config.data.mean, std=config.data.std):
+    totals = accumulate(totals, eval_step(variables, _global(batch, setup.mesh)))
+  return reduce_metrics(totals)

@@ -31,6 +31,7 @@ class TrainState:
     opt_state: the optax state of ``params``.
     term_states: states of stateful loss terms by term name (e.g. CRD memory banks).
     key: PRNG key (raw uint32 data) for stochastic loss terms.
+    ema: exponential moving average of ``params`` (the EMA teacher), or ``{}``.
   """
   step: jax.Array
   params: Any
@@ -38,6 +39,7 @@ class TrainState:
   opt_state: Any
   term_states: Any
   key: jax.Array
+  ema: Any = dataclasses.field(default_factory=dict)
 
 
 def split_learner(learner: Learner) -> tuple[nnx.GraphDef, Any, Any]:
@@ -46,11 +48,12 @@ def split_learner(learner: Learner) -> tuple[nnx.GraphDef, Any, Any]:
 
 
 def init_state(learner: Learner, tx: optax.GradientTransformation, term_states: Mapping[str, Any],
-               seed: int) -> tuple[nnx.GraphDef, TrainState]:
+               seed: int, *, ema: bool = False) -> tuple[nnx.GraphDef, TrainState]:
   graphdef, params, rest = split_learner(learner)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
                      term_states=dict(term_states),
-                     key=jax.random.key_data(jax.random.key(seed + 1_000_003)))
+                     key=jax.random.key_data(jax.random.key(seed + 1_000_003)),
+                     ema=jax.tree.map(jnp.copy, params) if ema else {})
   return graphdef, state
 
 

@@ -38,11 +38,20 @@ def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.A
 
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
-                    teachers: Sequence[Teacher]) -> Callable[[TrainState, Sequence[Any], dict], tuple[TrainState, Metrics]]:
-  """``step(state, teacher_variables, batch) -> (state, metrics)`` (not yet jitted)."""
+                    teachers: Sequence[Teacher], ema_decay: Callable[[jax.Array], jax.Array] | None = None,
+                    ) -> Callable[[TrainState, Sequence[Any], dict], tuple[TrainState, Metrics]]:
+  """``step(state, teacher_variables, batch) -> (state, metrics)`` (not yet jitted).
+
+  With ``ema_decay`` (``step -> decay``), the EMA of the learner's parameters
+  in ``state.ema`` is the last teacher (named "ema") and is updated after the
+  optimizer step: ``ema = decay * ema + (1 - decay) * params``.
+  """
 
   def step(state: TrainState, teacher_variables: Sequence[Any], batch: dict) -> tuple[TrainState, Metrics]:
     t_outs = run_teachers(teachers, teacher_variables, batch["image"])
+    if ema_decay is not None:
+      ema_logits, ema_feats = nnx.merge(graphdef, state.ema, state.rest).student(batch["image"], train=False)
+      t_outs.append(jax.lax.stop_gradient(ModelOutput(ema_logits, ema_feats)))
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 
     def loss_fn(params):
@@ -64,8 +73,13 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
     mask = batch["mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     metrics["train/accuracy"] = (jnp.sum(correct * mask), jnp.sum(mask))
+    ema = state.ema
+    if ema_decay is not None:
+      decay = ema_decay(state.step)
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+      metrics["ema/decay"] = (decay, ones)
     new_state = dataclasses.replace(state, step=state.step + 1, params=params, rest=rest,
-                                    opt_state=opt_state, term_states=term_states)
+                                    opt_state=opt_state, term_states=term_states, ema=ema)
     return new_state, metrics
 
   return step

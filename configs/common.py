@@ -1,0 +1,69 @@
+"""Pieces shared by the config files (``configs/`` is on ``sys.path`` while kdlab loads a config)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, variants: Sequence[str], default: str) -> tuple[str, dict[str, str]]:
+  """``"kd,source=digits,quick"`` -> ``("kd", {"source": "digits", "quick": ""})``."""
+  parts = [p for p in (arg or default).split(",") if p]
+  variant, options = parts[0], {}
+  for p in parts[1:]:
+    key, _, value = p.partition("=")
+    options[key] = value
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(variants)}")
+  return variant, options
+
+
+def mnist_mlp(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
+  """The MLPs of Hinton et al. 2015 on an MNIST-like source.
+
+  ``variant`` "teacher": 2x1200, dropout 0.5 (0.2 on inputs), +/-2 pixel jitter, 60 epochs;
+  otherwise the 2x800 student without regularization, 40 epochs, CE only. Options: ``source``,
+  ``epochs``, ``omit`` (digits to drop from the training set, "/"-separated), ``quick``.
+  """
+  source = options.get("source", "mnist5k")
+  in_features = 64 if source == "digits" else 784
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mesh = [("data", -1)]
+  c.sharding_rules = []
+  c.data = ml_collections.ConfigDict(dict(
+      source=source, data_dir=None, batch_size=100, eval_batch_size=512,
+      augment="jitter" if variant == "teacher" else None,
+      mean=(0.0,), std=(1.0,),
+      exclude_labels=[int(d) for d in options["omit"].split("/")] if "omit" in options else []))
+  c.model = ml_collections.ConfigDict(dict(
+      name="mlp", in_features=in_features, num_classes=10,
+      hidden=(1200, 1200) if variant == "teacher" else (800, 800),
+      dropout=0.5 if variant == "teacher" else 0.0,
+      input_dropout=0.2 if variant == "teacher" else 0.0))
+  c.teachers = []
+  c.objective = [dict(loss="ce", weight=1.0)]
+  c.ema_teacher = None  # e.g. dict(decay=0.999): a teacher named "ema", the EMA of the student.
+  c.born_again = None   # e.g. dict(generations=3, ensemble=True): a born-again chain.
+  epochs = float(options.get("epochs", 60 if variant == "teacher" else 40))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.1 if variant == "teacher" else 0.05, momentum=0.9, nesterov=False,
+      weight_decay=0.0, schedule="cosine", warmup_epochs=0.0, boundaries_epochs=[], decay=0.1))
+  c.train = ml_collections.ConfigDict(dict(
+      num_epochs=epochs, num_steps=0, log_every_steps=40, eval_every_epochs=5.0, checkpoint_every_epochs=5.0))
+  c.wandb_project = "kdlab"
+  if "quick" in options:
+    c.data.batch_size = 40
+    c.model.hidden = (64, 64)
+    c.model.dropout = min(c.model.dropout, 0.1)
+    c.model.input_dropout = 0.0
+    if source == "digits":
+      c.data.augment = None  # +/-2 pixels is a quarter of an 8x8 image.
+    c.train.num_epochs = 1.0
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-2
+    c.train.eval_every_epochs = 0.5
+    c.train.checkpoint_every_epochs = 0.25
+    c.train.log_every_steps = 10
+  return c

@@ -1,0 +1,146 @@
+"""Text sources for language models: a byte-level tokenizer and the ``pysrc`` corpus.
+
+``pysrc`` is the running interpreter's standard library ``.py`` files: real text that is always
+present, nothing to download. Files are split into train/validation by a stable hash of their
+path relative to the stdlib root (md5; about ``validation_fraction`` of the files go to
+validation), read in sorted order, tokenized and packed into fixed-length sequences.
+
+Packing (``pack``): the documents (files) are concatenated into one stream, each followed by an
+end-of-document token (``ByteTokenizer.EOD`` = byte 0, which source text does not contain), and
+cut into windows of ``seq_len + 1`` tokens that overlap by one (GPT-2 style packing):
+``tokens = window[:-1]``, ``targets = window[1:]``. A window may span a file boundary: attention
+then sees the previous file's end, and the model learns to predict the end-of-document token
+(the first token after it is predicted from the previous file's context; no reset). The last
+window is padded with ``EOD`` and its padding targets get ``mask = 0``; every real target has
+``mask = 1``.
+
+The result (``PackedText``) is a random-access sequence of dicts ``{"tokens": int32 [L],
+"targets": int32 [L], "mask": float32 [L]}``, usable as ``grain.MapDataset.source(...)``;
+``.tokens`` / ``.targets`` / ``.mask`` hold the ``[N, L]`` arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sysconfig
+from typing import Iterable, Iterator
+
+import numpy as np
+
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
+                        "__pycache__"})
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: vocab 256, nothing to train or download."""
+
+  vocab_size = 256
+  EOD = 0  # end of document; NUL does not occur in text
+
+  def encode(self, text: str) -> np.ndarray:
+    """``str`` -> ``int32 [n]`` byte values."""
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    """Token ids -> ``str`` (invalid UTF-8, e.g. a cut multi-byte character, becomes U+FFFD)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+      raise ValueError(f"ids: byte tokens must be in [0, 255], got range [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedText:
+  """Packed sequences: ``tokens``, ``targets`` int32 ``[N, L]``, ``mask`` float32 ``[N, L]``."""
+
+  tokens: np.ndarray
+  targets: np.ndarray
+  mask: np.ndarray
+
+  def __len__(self) -> int:
+    return self.tokens.shape[0]
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {"tokens": self.tokens[i], "targets": self.targets[i], "mask": self.mask[i]}
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return (self[i] for i in range(len(self)))
+
+  @property
+  def num_tokens(self) -> int:
+    """Real (unmasked) target tokens."""
+    return int(self.mask.sum())
+
+
+def pack(docs: Iterable[np.ndarray], seq_len: int, *, eod: int = ByteTokenizer.EOD) -> PackedText:
+  """Packs token arrays into ``[N, seq_len]`` (inputs, shifted targets, mask); see module doc."""
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+  parts = []
+  for d in docs:
+    parts += [np.asarray(d, np.int32), np.array([eod], np.int32)]
+  stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+  n = max(0, -(-(len(stream) - 1) // seq_len))  # windows needed to cover every target
+  padded = np.full(n * seq_len + 1, eod, np.int32)
+  padded[: len(stream)] = stream
+  index = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+  windows = padded[index]  # [N, L + 1]
+  mask = (index[:, 1:] < len(stream)).astype(np.float32)
+  return PackedText(tokens=windows[:, :-1], targets=windows[:, 1:], mask=mask)
+
+
+def is_validation(relpath: str, validation_fraction: float = 0.05) -> bool:
+  """Stable split: md5 of the relative path, as a number in [0, 1), below the fraction."""
+  digest = hashlib.md5(relpath.replace(os.sep, "/").encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64 < validation_fraction
+
+
+def pysrc_files(root: str | None = None) -> list[str]:
+  """Relative paths of the stdlib ``.py`` files, sorted (site-packages and test dirs skipped)."""
+  root = root or sysconfig.get_paths()["stdlib"]
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    found += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(".py")]
+  return sorted(found)
+
+
+def pysrc(split: str = "train", *, seq_len: int = 256, max_bytes: int | None = 1 << 20,
+          validation_fraction: float = 0.05, root: str | None = None) -> PackedText:
+  """The stdlib's ``.py`` files as packed byte-token sequences.
+
+  Args:
+    split: ``"train"`` or ``"validation"``.
+    seq_len: tokens per sequence ``L``.
+    max_bytes: stop adding files once this many bytes are read (the last file is cut there);
+      None for the whole split (about 30 MB on CPython 3.12).
+    validation_fraction: share of files (by path hash) in the validation split.
+    root: the stdlib directory; default ``sysconfig.get_paths()["stdlib"]``.
+
+  Returns:
+    ``PackedText`` with ``[N, seq_len]`` arrays; deterministic for a given interpreter.
+  """
+  if split not in ("train", "validation"):
+    raise ValueError(f"split: expected 'train' or 'validation', got {split!r}")
+  if not 0.0 < validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+  root = root or sysconfig.get_paths()["stdlib"]
+  want_validation = split == "validation"
+  docs, total = [], 0
+  for rel in pysrc_files(root):
+    if is_validation(rel, validation_fraction) != want_validation:
+      continue
+    with open(os.path.join(root, rel), "rb") as f:
+      data = f.read()
+    data = data.replace(b"\0", b"")  # keep EOD unambiguous
+    if max_bytes is not None:
+      data = data[: max_bytes - total]
+    docs.append(np.frombuffer(data, np.uint8).astype(np.int32))
+    total += len(data)
+    if max_bytes is not None and total >= max_bytes:
+      break
+  if not docs:
+    raise ValueError(f"pysrc: no .py files for split {split!r} under {root}")
+  return pack(docs, seq_len)

@@ -1,0 +1,467 @@
+"""Token-level distillation over ``[batch, length, vocab]``, including large vocabularies.
+
+Every function here returns per-sequence losses ``[batch]``: the per-token
+divergence is reduced by a masked mean over the sequence's tokens,
+
+    loss_b = sum_l mask_bl * div_bl / sum_l mask_bl    (0 for a sequence with no real tokens)
+
+so the caller decides how sequences are combined (mean, masked mean, sum).
+
+Three ways to compute the same value:
+  * ``token_loss``: plain; the full ``[batch, length, vocab]`` probabilities exist.
+  * ``chunked_token_kd``: from full logits, but only one ``[chunk, vocab]`` block of
+    probabilities at a time, forward and backward (``lax.map`` over a ``jax.checkpoint``ed body).
+  * ``fused_token_kd``: from final hidden states and unembedding matrices; the
+    ``[batch * length, vocab]`` logits are never materialized, forward or backward.
+
+Divergences (per token, ``p = softmax(logits / T)``):
+  * ``kd``:          ``T^2 KL(p_t || p_s)`` (Hinton et al. 2015)
+  * ``reverse_kl``:  ``T^2 KL(p_s || p_t)`` (mode seeking; Gu et al. 2024, "MiniLLM")
+  * ``jsd``:         ``T^2 [beta KL(p_t || m) + (1 - beta) KL(p_s || m)]``, ``m = beta p_t + (1 - beta) p_s``
+                     (generalized JSD; Agarwal et al. 2024, "On-Policy Distillation of LMs")
+  * ``tvd``:         ``0.5 sum |p_t - p_s|`` (total variation distance; no ``T^2``)
+
+``topk_kd`` distils from a teacher stored as top-k log-probabilities plus one bucket
+for the remaining mass (the teacher-output cache).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdlab.losses import _checks
+from kdlab.losses import logits as _logits
+
+Divergence = Callable[..., jax.Array]
+DIVERGENCES = ("kd", "reverse_kl", "jsd", "tvd")
+
+
+# --- per-token divergences: [..., V] float32 logits -> [...] ------------------------------------
+
+def _log_probs(s: jax.Array, t: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:
+  return jax.nn.log_softmax(s / temperature, axis=-1), jax.nn.log_softmax(t / temperature, axis=-1)
+
+
+def _kd(s, t, temperature, beta):
+  del beta
+  return _logits.kd(s, t, temperature=temperature)
+
+
+def _reverse_kl(s, t, temperature, beta):
+  del beta
+  log_ps, log_pt = _log_probs(s, t, temperature)
+  return temperature**2 * jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1)
+
+
+def _jsd(s, t, temperature, beta):
+  log_ps, log_pt = _log_probs(s, t, temperature)
+  log_m = jnp.logaddexp(jnp.log(beta) + log_pt, jnp.log1p(-beta) + log_ps)
+  kl_t = jnp.sum(jnp.exp(log_pt) * (log_pt - log_m), axis=-1)
+  kl_s = jnp.sum(jnp.exp(log_ps) * (log_ps - log_m), axis=-1)
+  return temperature**2 * (beta * kl_t + (1.0 - beta) * kl_s)
+
+
+def _tvd(s, t, temperature, beta):
+  del beta
+  log_ps, log_pt = _log_probs(s, t, temperature)
+  return 0.5 * jnp.sum(jnp.abs(jnp.exp(log_pt) - jnp.exp(log_ps)), axis=-1)
+
+
+_PER_TOKEN: dict[str, Callable[..., jax.Array]] = {
+    "kd": _kd, "reverse_kl": _reverse_kl, "jsd": _jsd, "tvd": _tvd}
+
+
+def _divergence(name: str) -> Callable[..., jax.Array]:
+  if name not in _PER_TOKEN:
+    raise ValueError(f"divergence: unknown {name!r}; choose one of {', '.join(DIVERGENCES)}")
+  return _PER_TOKEN[name]
+
+
+def divergence_fn(name: str) -> Divergence:
+  """The per-token divergence ``name`` as ``fn(s, t, *, temperature=1.0, beta=0.5) -> [...]``.
+
+  For ``token_loss``: ``token_loss(divergence_fn("jsd"), s, t, mask, beta=0.9)``.
+  """
+  fn = _divergence(name)
+
+  def div(s: jax.Array, t: jax.Array, *, temperature: float = 1.0, beta: float = 0.5) -> jax.Array:
+    s, t = _check_pair(s, t)
+    return fn(s.astype(jnp.float32), t.astype(jnp.float32), temperature, beta)
+
+  div.__name__ = name
+  return div
+
+
+# --- checks and reductions ----------------------------------------------------------------------
+
+def _check_pair(s: jax.Array, t: jax.Array, s_name: str = "s_logits",
+                t_name: str = "t_logits") -> tuple[jax.Array, jax.Array]:
+  # Checks dtypes without casting: a float32 copy of bf16 [B, L, V] logits is what chunking avoids.
+  s, t = jnp.asarray(s), jnp.asarray(t)
+  for name, x in ((s_name, s), (t_name, t)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name}: expected a floating array, got dtype {x.dtype}")
+  _checks.same_shape(s_name, s, t_name, t)
+  return s, t
+
+
+def _check_mask(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  mask = jnp.asarray(mask)
+  if mask.shape != shape:
+    raise ValueError(f"mask: expected shape {shape} ([batch, length]), got {mask.shape}")
+  return mask.astype(jnp.float32)
+
+
+def _check_hparams(divergence: str, temperature, beta) -> None:
+  _divergence(divergence)
+  _checks.positive("temperature", temperature)
+  if divergence == "jsd":
+    _checks.open_unit("beta", beta)
+
+
+def _token_weights(mask: jax.Array) -> jax.Array:
+  """``[B, L]`` mask -> ``[B, L]`` weights ``mask / sum_l mask`` (0 in sequences with no tokens)."""
+  count = jnp.sum(mask, axis=-1, keepdims=True)
+  return jnp.where(count > 0, mask / jnp.where(count > 0, count, 1.0), 0.0)
+
+
+def masked_sequence_mean(per_token: jax.Array, mask: jax.Array) -> jax.Array:
+  """``[B, L]`` per-token values -> ``[B]`` masked means (masked tokens may hold nan or inf)."""
+  mask = _check_mask(mask, per_token.shape)
+  w = _token_weights(mask)
+  return jnp.sum(jnp.where(w != 0, w * per_token, 0.0), axis=-1)
+
+
+# --- plain ---------------------------------------------------------------------------------------
+
+def token_loss(divergence_fn: Divergence | str, s_logits: jax.Array, t_logits: jax.Array,
+               mask: jax.Array, **hparams) -> jax.Array:
+  """Per-sequence token-level distillation loss (plain: full probabilities exist).
+
+  Args:
+    divergence_fn: a per-example divergence ``fn(s, t, **hparams) -> [...]`` over the last
+      axis (e.g. ``kdlab.losses.logits.kd``), or one of the names in ``DIVERGENCES``.
+    s_logits: ``[B, L, V]`` student logits.
+    t_logits: ``[B, L, V]`` teacher logits.
+    mask: ``[B, L]`` 1 (or True) for tokens that count, 0 for padding.
+    **hparams: passed to ``divergence_fn`` (``temperature``, ``beta``).
+
+  Returns:
+    ``[B]``: ``sum_l mask * div / sum_l mask``; 0 for a sequence without real tokens.
+
+  Example:
+    >>> token_loss(kdlab.losses.logits.kd, s, t, mask, temperature=2.0)
+  """
+  if isinstance(divergence_fn, str):
+    divergence_fn = globals()["divergence_fn"](divergence_fn)
+  s_logits, t_logits = _check_pair(s_logits, t_logits)
+  if s_logits.ndim != 3:
+    raise ValueError(f"s_logits: expected [batch, length, vocab], got shape {s_logits.shape}")
+  per_token = divergence_fn(s_logits, t_logits, **hparams)
+  if per_token.shape != s_logits.shape[:2]:
+    raise ValueError(f"divergence_fn: expected per-token values of shape {s_logits.shape[:2]}, "
+                     f"got {per_token.shape}")
+  return masked_sequence_mean(per_token, mask)
+
+
+# --- chunking along the sequence -----------------------------------------------------------------
+# A chunk is every sequence's tokens at positions [start, start + c): a [B, c, ...] slice along the
+# length axis. Slicing (rather than reshaping the flat tokens into [num, chunk, ...] and scanning
+# over it) keeps the batch axis intact, so batch-sharded (and vocab-sharded) inputs stay sharded
+# as they are and no copy of the [B, L, V] inputs is made. When c does not divide L the last
+# chunk is [L - c, L): it overlaps the one before, and only its new positions are kept.
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk_len(batch: int, length: int, vocab: int, chunk_size: int | None) -> int:
+  """Positions per chunk: ``chunk_size // batch``, by default sized so that one ``[chunk, V]``
+  float32 block is about 64 MiB (128 tokens at V = 128k; the whole batch at small V)."""
+  if chunk_size is None:
+    chunk_size = max(1, _CHUNK_BYTES // (4 * vocab))
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  return max(1, min(length, chunk_size // batch))
+
+
+def _starts(length: int, c: int) -> jax.Array:
+  num = -(-length // c)
+  return jnp.asarray(np.minimum(np.arange(num) * c, length - c), jnp.int32)
+
+
+def _slice(x: jax.Array, start: jax.Array, c: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, start, c, axis=1)
+
+
+def _unchunk(y: jax.Array, length: int) -> jax.Array:
+  """``[num, B, c, ...]`` per-chunk outputs -> ``[B, L, ...]``."""
+  num, b, c = y.shape[:3]
+  full = length // c
+  out = jnp.moveaxis(y[:full], 0, 1).reshape(b, full * c, *y.shape[3:])
+  if length % c:
+    out = jnp.concatenate([out, y[-1][:, c - length % c:]], axis=1)
+  return out
+
+
+# --- chunked, from logits --------------------------------------------------------------------------
+
+def chunked_token_kd(s_logits: jax.Array, t_logits: jax.Array, mask: jax.Array, *,
+                     divergence: str = "kd", chunk_size: int | None = None,
+                     temperature: float = 1.0, beta: float = 0.5) -> jax.Array:
+  """``token_loss`` computed one ``[chunk_size, V]`` block of tokens at a time.
+
+  Each chunk holds every sequence's tokens at ``chunk_size // batch`` consecutive positions
+  (at least one). Chunks are mapped with ``lax.map`` over a ``jax.checkpoint``ed body, so the
+  backward pass recomputes each chunk's probabilities instead of storing them: at most one chunk
+  of ``[chunk_size, V]`` float32 intermediates exists at once, besides the inputs and the
+  ``[B, L, V]`` gradient. Gradients flow to both logits. Batch- and vocab-sharded inputs keep
+  their sharding.
+
+  Args:
+    s_logits, t_logits: ``[B, L, V]`` student and teacher logits (any float dtype; each chunk is
+      computed in float32).
+    mask: ``[B, L]`` token mask (1 = counts).
+    divergence: one of ``DIVERGENCES``.
+    chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of about 64 MiB.
+    temperature: softening temperature, > 0.
+    beta: JSD mixing weight in (0, 1) (``jsd`` only).
+
+  Returns:
+    ``[B]`` per-sequence losses, equal to ``token_loss(divergence, ...)``.
+  """
+  s_logits, t_logits = _check_pair(s_logits, t_logits)
+  if s_logits.ndim != 3:
+    raise ValueError(f"s_logits: expected [batch, length, vocab], got shape {s_logits.shape}")
+  _check_hparams(divergence, temperature, beta)
+  b, l, v = s_logits.shape
+  mask = _check_mask(mask, (b, l))
+  fn = _divergence(divergence)
+  c = _chunk_len(b, l, v, chunk_size)
+
+  @jax.checkpoint
+  def body(start):
+    s_c, t_c = _slice(s_logits, start, c), _slice(t_logits, start, c)
+    return fn(s_c.astype(jnp.float32), t_c.astype(jnp.float32), temperature, beta)
+
+  per_token = _unchunk(jax.lax.map(body, _starts(l, c)), l)
+  return masked_sequence_mean(per_token, mask)
+
+
+# --- fused with the unembedding ------------------------------------------------------------------
+
+def _matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.matmul(h, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
+def _sharded_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` resharded as ``like`` under explicit mesh axes (a cotangent must match its primal's
+  type there); unchanged otherwise."""
+  want = jax.typeof(like).sharding
+  mesh = getattr(want, "mesh", None)
+  if mesh is None or mesh.empty or not mesh.are_all_axes_explicit or jax.typeof(x).sharding == want:
+    return x
+  return jax.sharding.reshard(x, want.spec)
+
+
+def _reduce(per_token: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.where(w != 0, w * per_token, 0.0), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(divergence, c, s_h, s_w, t_h, t_w, w, hp):
+  """``[B, L, D]`` hidden states, ``[B, L]`` token weights -> ``[B]`` losses."""
+  fn = _divergence(divergence)
+
+  def body(start):
+    s_c, t_c = _slice(s_h, start, c), _slice(t_h, start, c)
+    return fn(_matmul(s_c, s_w), _matmul(t_c, t_w), hp[0], hp[1])
+
+  return _reduce(_unchunk(jax.lax.map(body, _starts(s_h.shape[1], c)), s_h.shape[1]), w)
+
+
+def _fused_fwd(divergence, c, s_h, s_w, t_h, t_w, w, hp):
+  # The loss is linear in the per-token divergences, so each chunk's gradient (for the token
+  # weights w) is computed right away, while its logits exist: the backward pass then needs no
+  # recomputation of the [chunk, D] x [D, V] products (jax.checkpoint would redo both: ~1.5x the
+  # matmul work). d/dh is exact for any cotangent (a token's h only feeds its own divergence);
+  # d/dW sums over tokens: exact here for a cotangent uniform over the batch (a mean or sum of
+  # the losses), and recomputed chunk by chunk in _fused_bwd otherwise.
+  fn = _divergence(divergence)
+  l = s_h.shape[1]
+  # Tokens of an overlapping last chunk that an earlier chunk already covered get weight 0 here.
+  fresh = _unchunk_mask(l, c)
+
+  def body(dw, xs):
+    start, keep = xs
+    s_c, t_c, w_c = _slice(s_h, start, c), _slice(t_h, start, c), _slice(w, start, c) * keep
+    t_logits = _matmul(t_c, t_w)
+    per_token, vjp = jax.vjp(lambda h, u: fn(_matmul(h, u), t_logits, hp[0], hp[1]), s_c, s_w)
+    dh_c, dw_c = vjp(_sharded_like(w_c, per_token))
+    return dw + dw_c.astype(jnp.float32), (per_token, dh_c)
+
+  dw, (per_token, dh) = jax.lax.scan(body, jnp.zeros_like(s_w, dtype=jnp.float32),
+                                     (_starts(l, c), fresh))
+  loss = _reduce(_unchunk(per_token, l), w)
+  return loss, (s_h, s_w, t_h, t_w, w, hp, _unchunk(dh, l), dw)
+
+
+def _unchunk_mask(length: int, c: int) -> jax.Array:
+  """``[num, 1, c]``: 1 for the positions each chunk is the first to cover."""
+  starts = np.minimum(np.arange(-(-length // c)) * c, length - c)
+  pos = starts[:, None] + np.arange(c)[None, :]
+  first = np.concatenate([[0], starts[:-1] + c])  # positions before this were covered already
+  return jnp.asarray((pos >= first[:, None])[:, None, :], jnp.float32)
+
+
+def _fused_bwd(divergence, c, res, g):
+  s_h, s_w, t_h, t_w, w, hp, dh, dw = res
+  fn = _divergence(divergence)
+  l = s_h.shape[1]
+
+  def recompute_dw():  # exact for any g: the chunks again, with token weights w * g
+    wg = w * g[:, None]
+
+    def body(acc, xs):
+      start, keep = xs
+      s_c, t_c, w_c = _slice(s_h, start, c), _slice(t_h, start, c), _slice(wg, start, c) * keep
+      t_logits = _matmul(t_c, t_w)
+      per_token, vjp = jax.vjp(lambda u: fn(_matmul(s_c, u), t_logits, hp[0], hp[1]), s_w)
+      return acc + vjp(_sharded_like(w_c, per_token))[0].astype(jnp.float32), None
+
+    return jax.lax.scan(body, jnp.zeros_like(s_w, dtype=jnp.float32),
+                        (_starts(l, c), _unchunk_mask(l, c)))[0]
+
+  dw = jax.lax.cond(jnp.all(g == g[0]), lambda: dw * g[0], recompute_dw)
+  dh = dh * g[:, None, None].astype(dh.dtype)
+  # The teacher is a fixed target: no gradient to t_h, t_w (as if wrapped in stop_gradient).
+  return dh.astype(s_h.dtype), dw.astype(s_w.dtype), None, None, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_token_kd(s_hidden: jax.Array, s_unembed: jax.Array, t_hidden: jax.Array,
+                   t_unembed: jax.Array, mask: jax.Array, *, divergence: str = "kd",
+                   chunk_size: int | None = None, temperature: float = 1.0,
+                   beta: float = 0.5) -> jax.Array:
+  """Token-level distillation from hidden states, never materializing ``[B * L, V]`` logits.
+
+  Equal to ``token_loss(divergence, s_hidden @ s_unembed, t_hidden @ t_unembed, mask, ...)``.
+  Tokens are processed ``chunk_size`` at a time (every sequence's ``chunk_size // batch``
+  consecutive positions) with ``lax.scan``: each chunk's student and teacher logits are computed,
+  reduced to per-token divergences and, under differentiation, to that chunk's contribution to
+  the gradients, then dropped. Peak extra memory is a few ``[chunk_size, V]`` float32 blocks plus
+  one ``[Ds, V]`` gradient accumulator.
+
+  Gradients: w.r.t. ``s_hidden`` and ``s_unembed``. The teacher is a fixed target: its hidden
+  states and unembedding get zero gradient. The ``s_unembed`` gradient is computed during the
+  forward pass for the common cotangent (a mean or sum over the batch); any other weighting of
+  the per-sequence losses is also exact but recomputes the chunks once more. Reverse-mode only
+  (``jax.grad``/``jax.vjp``; no ``jax.jvp``).
+
+  Args:
+    s_hidden: ``[B, L, Ds]`` student final (normed) hidden states, the unembedding's input.
+    s_unembed: ``[Ds, V]`` student unembedding matrix (tied models: the embedding transposed).
+    t_hidden: ``[B, L, Dt]`` teacher final hidden states.
+    t_unembed: ``[Dt, V]`` teacher unembedding matrix.
+    mask: ``[B, L]`` token mask (1 = counts).
+    divergence: one of ``DIVERGENCES``.
+    chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of about 64 MiB.
+    temperature: softening temperature, > 0 (may be a traced scalar).
+    beta: JSD mixing weight in (0, 1) (``jsd`` only).
+
+  Returns:
+    ``[B]`` per-sequence losses.
+  """
+  for name, x, rank in (("s_hidden", s_hidden, 3), ("s_unembed", s_unembed, 2),
+                        ("t_hidden", t_hidden, 3), ("t_unembed", t_unembed, 2)):
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+      raise TypeError(f"{name}: expected a floating array, got dtype {jnp.asarray(x).dtype}")
+    if jnp.ndim(x) != rank:
+      raise ValueError(f"{name}: expected rank {rank}, got shape {jnp.shape(x)}")
+  b, l, ds = s_hidden.shape
+  if t_hidden.shape[:2] != (b, l):
+    raise ValueError(f"t_hidden: expected [batch, length] = {(b, l)} leading axes, got {t_hidden.shape}")
+  if s_unembed.shape[0] != ds:
+    raise ValueError(f"s_unembed: expected [{ds}, vocab] (s_hidden's width first), got {s_unembed.shape}")
+  if t_unembed.shape[0] != t_hidden.shape[2]:
+    raise ValueError(f"t_unembed: expected [{t_hidden.shape[2]}, vocab] (t_hidden's width first), "
+                     f"got {t_unembed.shape}")
+  if s_unembed.shape[1] != t_unembed.shape[1]:
+    raise ValueError(f"s_unembed and t_unembed: vocab sizes differ: {s_unembed.shape[1]} vs "
+                     f"{t_unembed.shape[1]}")
+  _check_hparams(divergence, temperature, beta)
+  w = _token_weights(_check_mask(mask, (b, l)))
+  hp = jnp.stack([jnp.asarray(temperature, jnp.float32), jnp.asarray(beta, jnp.float32)])
+  c = _chunk_len(b, l, s_unembed.shape[1], chunk_size)
+  return _fused(divergence, c, s_hidden, s_unembed, t_hidden, t_unembed, w, hp)
+
+
+# --- top-k teacher -------------------------------------------------------------------------------
+
+def topk_kd(s_logits: jax.Array, topk_logprobs: jax.Array, topk_indices: jax.Array,
+            mask: jax.Array, *, temperature: float = 1.0,
+            rest_logprobs: jax.Array | None = None) -> jax.Array:
+  """KD against a teacher stored as its top-k log-probabilities plus the remaining mass.
+
+  The teacher distribution is taken over ``k + 1`` categories: the k stored tokens and one
+  bucket holding the rest of the mass ``r = 1 - sum_k p_k`` (``rest_logprobs = log r`` if given,
+  which a cache computes exactly, else from the stored log-probs, floored at 0). The student's
+  probabilities are gathered at the same k tokens and its mass outside them summed into the
+  bucket. Loss per token: ``T^2 KL(q_t || q_s)`` over the k + 1 categories. The student is
+  tempered as usual (``softmax(s / T)``, its tail mass summed exactly); the teacher's top-k as
+  ``p^(1/T)`` and its tail as if ``r`` were spread evenly over the ``V - k`` other tokens
+  (``(V - k) (r / (V - k))^(1/T)``), then renormalized: exact for ``T = 1``, an approximation of
+  the tempered tail otherwise. With ``k = V`` there is no bucket and this equals ``kd`` exactly.
+
+  Args:
+    s_logits: ``[B, L, V]`` student logits.
+    topk_logprobs: ``[B, L, k]`` teacher log-probabilities (at temperature 1) of its top k tokens.
+    topk_indices: ``[B, L, k]`` their token ids (distinct per token).
+    mask: ``[B, L]`` token mask.
+    temperature: softening temperature, > 0.
+    rest_logprobs: optional ``[B, L]`` log of the teacher's mass outside the top k.
+
+  Returns:
+    ``[B]`` per-sequence losses.
+  """
+  s = _checks.floating("s_logits", s_logits)
+  lp = _checks.floating("topk_logprobs", topk_logprobs)
+  idx = _checks.integer("topk_indices", topk_indices)
+  _checks.same_shape("topk_logprobs", lp, "topk_indices", idx)
+  if s.ndim != 3 or lp.ndim != 3 or lp.shape[:2] != s.shape[:2]:
+    raise ValueError(f"topk_logprobs: expected [batch, length, k] with [batch, length] = "
+                     f"{s.shape[:2]}, got {lp.shape} (s_logits {s.shape})")
+  k, v = lp.shape[-1], s.shape[-1]
+  if k > v:
+    raise ValueError(f"topk_logprobs: k = {k} exceeds the student's vocab size {v}")
+  _checks.positive("temperature", temperature)
+  mask = _check_mask(mask, s.shape[:2])
+
+  log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
+  log_ps_k = jnp.take_along_axis(log_ps, idx, axis=-1)
+  log_qt = lp / temperature
+  if k < v:
+    in_topk = jnp.put_along_axis(jnp.zeros(s.shape, bool), idx, True, axis=-1, inplace=False)
+    log_ps_rest = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, log_ps), axis=-1)
+    if rest_logprobs is None:
+      rest = -jnp.expm1(jax.nn.logsumexp(lp, axis=-1))
+      rest_logprobs = jnp.where(rest > 0, jnp.log(jnp.where(rest > 0, rest, 1.0)), -jnp.inf)
+    else:
+      rest_logprobs = _checks.floating("rest_logprobs", rest_logprobs)
+      if rest_logprobs.shape != s.shape[:2]:
+        raise ValueError(f"rest_logprobs: expected shape {s.shape[:2]}, got {rest_logprobs.shape}")
+    log_ps_k = jnp.concatenate([log_ps_k, log_ps_rest[..., None]], axis=-1)
+    # The tail's tempered mass, taking its r spread evenly over the V - k tokens (exact at T = 1).
+    log_tail = jnp.log(v - k) + (rest_logprobs - jnp.log(v - k)) / temperature
+    log_qt = jnp.concatenate([log_qt, log_tail[..., None]], axis=-1)
+  log_qt = jax.nn.log_softmax(log_qt, axis=-1)
+  qt = jnp.exp(log_qt)
+  safe_log_qt = jnp.where(qt > 0, log_qt, 0.0)
+  per_token = temperature**2 * jnp.sum(jnp.where(qt > 0, qt * (safe_log_qt - log_ps_k), 0.0), axis=-1)
+  return masked_sequence_mean(per_token, mask)

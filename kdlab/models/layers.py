@@ -1,0 +1,102 @@
+"""Building blocks shared by the CIFAR zoo. All tensors are NHWC.
+
+The zoo reproduces PyTorch reference architectures (RepDistiller, the CRD
+benchmark), so the initializers and the batch-norm constants here are the
+PyTorch ones: matching them keeps published training recipes (learning rate,
+weight decay, epochs) transferable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = jax.nn.initializers.Initializer
+
+# ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``; also what the
+# reference's hand-written ``normal_(0, sqrt(2 / (k * k * out)))`` computes.
+# Untruncated, unlike ``jax.nn.initializers.he_normal``.
+kaiming_fan_out: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# PyTorch's default Conv/Linear weight init, ``kaiming_uniform_(a=sqrt(5))``:
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default: Initializer = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+zeros: Initializer = jax.nn.initializers.zeros
+
+
+def torch_default_bias(fan_in: int) -> Initializer:
+  """PyTorch's default bias init for a layer with ``fan_in`` inputs: U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def conv(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
+         use_bias: bool = False, kernel_init: Initializer = kaiming_fan_out,
+         rngs: nnx.Rngs) -> nnx.Conv:
+  """Square convolution with PyTorch's symmetric ``kernel_size // 2`` padding.
+
+  Explicit padding, not ``"SAME"``: for stride 2 on even sizes ``"SAME"`` pads
+  only the bottom/right and would shift every strided feature map by a pixel.
+  """
+  pad = kernel_size // 2
+  return nnx.Conv(in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
+                  padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                  use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, rngs=rngs)
+
+
+def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """Batch norm with PyTorch's defaults (its momentum 0.1 is flax's 0.9), scale 1, bias 0."""
+  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, *, kernel_init: Initializer = torch_default,
+           bias_init: Initializer | None = None, rngs: nnx.Rngs) -> nnx.Linear:
+  """Dense layer; the bias defaults to PyTorch's init for this ``in_features``."""
+  return nnx.Linear(in_features, out_features, kernel_init=kernel_init,
+                    bias_init=bias_init if bias_init is not None else torch_default_bias(in_features),
+                    rngs=rngs)
+
+
+class ConvBN(nnx.Module):
+  """Convolution then batch norm, no activation: ``[N, H, W, in] -> [N, H/stride, W/stride, out]``."""
+
+  def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
+               groups: int = 1, use_bias: bool = False,
+               kernel_init: Initializer = kaiming_fan_out, rngs: nnx.Rngs):
+    self.conv = conv(in_ch, out_ch, kernel_size, stride=stride, groups=groups,
+                     use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
+    self.bn = batch_norm(out_ch, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return self.bn(self.conv(x), use_running_average=not train)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """``[N, H, W, C] -> [N, C]``.
+
+  The references pool with fixed windows sized for 32x32 inputs
+  (``AvgPool2d(8)``, ``avg_pool2d(out, 4)``...); on those inputs the window
+  covers the whole map, so this is the same op, and it still yields ``[N, C]``
+  on other input sizes.
+  """
+  return jnp.mean(x, axis=(1, 2))
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """ShuffleNet's channel shuffle: channel ``g * (C/groups) + k`` moves to ``k * groups + g``.
+
+  ``[N, H, W, C] -> [N, H, W, C]``, ``C`` divisible by ``groups``.
+  """
+  if groups == 1:
+    return x
+  *lead, c = x.shape
+  return x.reshape(*lead, groups, c // groups).swapaxes(-1, -2).reshape(*lead, c)
