@@ -13,7 +13,6 @@ uses the full MNIST when it is prepared locally (nothing is downloaded).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -23,7 +22,8 @@ import numpy as np
 from kdlab.config import load as load_config
 from kdlab.data.sources import tfds_prepared
 from kdlab.train.logging import read_metrics
-from kdlab.train.loop import evaluate_run, train
+from kdlab.repro import mean_std, run_cached
+from kdlab.train.loop import evaluate_run
 
 HERE = pathlib.Path(__file__).parent
 CONFIG = str(HERE.parent.parent / "configs" / "hinton_mnist.py")
@@ -40,28 +40,16 @@ BIAS_3 = 3.5
 def run(variant: str, workdir: pathlib.Path, *, source: str, seed: int, epochs: float | None,
         teacher: pathlib.Path | None = None, omit3: bool = False) -> dict:
   """Trains one run unless its summary exists; returns the summary."""
-  if (workdir / "summary.json").exists():
-    return json.loads((workdir / "summary.json").read_text())
   arg = f"{variant},source={source}" + (f",epochs={epochs}" if epochs else "") + (",omit=3" if omit3 else "")
   config = load_config(f"{CONFIG}:{arg}")
   config.seed = seed
   if teacher is not None:
     config.teachers[0]["init"] = str(teacher / "checkpoints")
-  t0 = time.time()
-  summary = train(config, workdir, use_wandb=False, progress=False)
-  print(f"  {workdir.name}: {summary['test_errors']} errors / {summary['test_examples']} "
-        f"({time.time() - t0:.0f} s)", flush=True)
-  return summary
-
-
-def mean_std(values: list[float]) -> str:
-  a = np.asarray(values, float)
-  return f"{a.mean():.1f} +/- {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
+  return run_cached(config, workdir)
 
 
 def rate(values: list[float], n: int) -> str:
-  a = 100.0 * np.asarray(values, float) / n
-  return f"{a.mean():.2f} +/- {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}%"
+  return mean_std(values, "{:.2f}", 100.0 / n) + "%"
 
 
 def plot(root: pathlib.Path, names: list[str], seeds: list[int], out: pathlib.Path) -> None:

@@ -1,0 +1,36 @@
+"""Helpers for the paper reproductions in ``paper_repro/``: cached runs and mean +/- std tables."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from kdlab.train.loop import train
+
+
+def run_cached(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, quiet: bool = False) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` unless it already finished there; returns its summary.
+
+  An interrupted run resumes from its checkpoint, so a whole reproduction can
+  be restarted with the same command.
+  """
+  if (workdir / "summary.json").exists():
+    return json.loads((workdir / "summary.json").read_text())
+  t0 = time.time()
+  summary = train(config, workdir, use_wandb=False, progress=False)
+  if not quiet:
+    print(f"  {workdir}: test accuracy {summary['test_accuracy']:.4f}, {summary['test_errors']} errors "
+          f"({time.time() - t0:.0f} s)", flush=True)
+  return summary
+
+
+def mean_std(values: Sequence[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+  """``"m +/- s"`` with the sample standard deviation (0 for one value)."""
+  a = scale * np.asarray(values, float)
+  std = a.std(ddof=1) if len(a) > 1 else 0.0
+  return f"{fmt.format(a.mean())} +/- {fmt.format(std)}"
