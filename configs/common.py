@@ -46,6 +46,7 @@ def mnist_mlp(variant: str, options: dict[str, str]) -> ml_collections.ConfigDic
   c.objective = [dict(loss="ce", weight=1.0)]
   c.ema_teacher = None  # e.g. dict(decay=0.999): a teacher named "ema", the EMA of the student.
   c.born_again = None   # e.g. dict(generations=3, ensemble=True): a born-again chain.
+  c.vmap_seeds = 0      # S > 1: train seeds seed..seed+S-1 in one vmapped step (outputs in WORKDIR/seed{k}).
   epochs = float(options.get("epochs", 60 if variant == "teacher" else 40))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1 if variant == "teacher" else 0.05, momentum=0.9, nesterov=False,

@@ -13,25 +13,59 @@ import grain
 import numpy as np
 
 from kdlab.data.augment import AUGMENTATIONS
-from kdlab.data.sources import Source
+from kdlab.data.sources import ArrayRecords, Source
 from kdlab.errors import UserError
 
 
 class Normalize:
-  """uint8 image -> float32 ``(x / 255 - mean) / std`` per channel."""
+  """uint8 images ``[..., H, W, C]`` -> float32 ``(x / 255 - mean) / std`` per channel."""
 
   def __init__(self, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
     self.mean = np.asarray(mean, np.float32)
     self.std = np.asarray(std, np.float32)
 
-  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-    image = (np.asarray(record["image"], np.float32) / 255.0 - self.mean) / self.std
-    return {**record, "image": image, "mask": np.True_}
+  def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    image = (np.asarray(batch["image"], np.float32) / 255.0 - self.mean) / self.std
+    return {**batch, "image": image}
+
+
+def gather(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """The records ``indices`` of ``source`` as one batch (vectorized for in-memory sources)."""
+  records = source.records
+  if isinstance(records, ArrayRecords):
+    return {"image": records.images[indices], "label": records.labels[indices],
+            "index": indices.astype(np.int32), "mask": np.ones(len(indices), bool)}
+  rows = [records[int(i)] for i in indices]
+  return {"image": np.stack([r["image"] for r in rows]), "label": np.asarray([r["label"] for r in rows], np.int32),
+          "index": np.asarray([r["index"] for r in rows], np.int32), "mask": np.ones(len(indices), bool)}
+
+
+class EpochBatches:
+  """Random-access batches of example indices: a fresh permutation every epoch, remainder dropped.
+
+  ``[i]`` is batch ``i % steps_per_epoch`` of epoch ``i // steps_per_epoch``,
+  from a permutation seeded by ``(seed, epoch)``: deterministic and cheap to
+  resume anywhere.
+  """
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int):
+    self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+    self.steps_per_epoch = num_examples // batch_size
+    self._epoch, self._perm = -1, np.empty(0, np.int64)
+
+  def __len__(self) -> int:
+    return 2**62  # Endless; the train loop decides when to stop.
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    epoch, j = divmod(int(i), self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+    return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
 
 
 def train_dataset(source: Source, *, batch_size: int, seed: int, augment: str | None = None,
                   mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> grain.MapDataset:
-  """Endless training batches: reshuffled every epoch, augmented, batched.
+  """Endless training batches: reshuffled every epoch, gathered, augmented, normalized.
 
   Random access by batch number makes the pipeline deterministic per ``seed``;
   its iterator's ``get_state()`` is saved with each checkpoint.
@@ -41,18 +75,20 @@ def train_dataset(source: Source, *, batch_size: int, seed: int, augment: str | 
                     f"choose one of {sorted(AUGMENTATIONS)} or None")
   if batch_size > len(source):
     raise UserError(f"data.batch_size={batch_size} is larger than the training set ({len(source)} examples)")
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = grain.MapDataset.source(EpochBatches(len(source), batch_size, seed))
+  ds = ds.map(lambda indices: gather(source, indices))
   if augment is not None:
     fn = AUGMENTATIONS[augment]
-    ds = ds.random_map(lambda r, rng: {**r, "image": fn(np.asarray(r["image"]), rng)}, seed=seed + 1)
-  return ds.map(Normalize(mean, std)).batch(batch_size, drop_remainder=True)
+    ds = ds.random_map(lambda b, rng: {**b, "image": np.stack([fn(im, rng) for im in b["image"]])}, seed=seed + 1)
+  return ds.map(Normalize(mean, std))
 
 
 def eval_batches(source: Source, *, batch_size: int, mean: Sequence[float] = (0.0,),
                  std: Sequence[float] = (1.0,)) -> Iterator[dict[str, np.ndarray]]:
   """The whole split in order, in fixed-size batches; the last is padded with ``mask=False``."""
-  ds = grain.MapDataset.source(source).map(Normalize(mean, std)).batch(batch_size)
-  for batch in ds:
+  normalize = Normalize(mean, std)
+  for start in range(0, len(source), batch_size):
+    batch = normalize(gather(source, np.arange(start, min(start + batch_size, len(source)))))
     n = len(batch["label"])
     if n < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])

@@ -198,9 +198,10 @@ def evaluate(eval_step, state: TrainState, teacher_vars: Sequence[Any], source: 
   return reduce_metrics(totals)
 
 
-def _global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  sharding = meshlib.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def _global(batch: dict[str, Any], mesh: jax.sharding.Mesh, stacked: bool = False) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays split over the data axes (axis 1 when ``stacked``)."""
+  sharding = meshlib.batch_sharding(mesh, leading_axes=1 if stacked else 0)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use_wandb: bool = True,
@@ -218,96 +219,172 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use
 
 def train_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use_wandb: bool = True,
               progress: bool = True) -> dict[str, Any]:
-  """Trains (or resumes) one run in ``workdir``."""
-  start = time.time()
-  setup = prepare(config)
+  """Trains (or resumes) one run in ``workdir``.
+
+  With ``config.vmap_seeds = S > 1`` it trains seeds ``config.seed .. config.seed + S - 1``
+  (independent init, dropout and data order) in one compiled, ``jax.vmap``-ed step; seed
+  ``k`` writes the same outputs a separate run would, in ``workdir/seed{k}``, and
+  ``workdir/summary.json`` lists their summaries.
+  """
+  num_seeds = int(config.get("vmap_seeds") or 1)
+  if num_seeds <= 1:
+    return _train_group([config], [pathlib.Path(workdir)], use_wandb=use_wandb, progress=progress)[0]
   workdir = pathlib.Path(workdir)
+  configs = []
+  for k in range(config.seed, config.seed + num_seeds):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.seed, c.vmap_seeds = k, 0
+    configs.append(c)
   config_json = config.to_json(indent=2, sort_keys=True)
   _check_workdir(workdir, config_json)
+  summaries = _train_group(configs, [workdir / f"seed{c.seed}" for c in configs], use_wandb=use_wandb,
+                           progress=progress, before_write=lambda: _write_config(workdir, config_json))
+  summary = {"seeds": [c.seed for c in configs], "runs": summaries,
+             "test_accuracy": float(np.mean([s["test_accuracy"] for s in summaries])),
+             "wall_time_s": summaries[0]["wall_time_s"]}
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _write_config(workdir: pathlib.Path, config_json: str) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config_json)
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+  return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: Any, n: int) -> list[Any]:
+  return [tree] if n == 1 else [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
+
+
+def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[pathlib.Path], *,
+                 use_wandb: bool, progress: bool, before_write: Any = None) -> list[dict[str, Any]]:
+  """Trains runs that differ only in their seed; several are ``jax.vmap``-ed into one step."""
+  start = time.time()
+  n = len(configs)
+  setups = [prepare(c) for c in configs]
+  setup, config = setups[0], configs[0]
+  config_jsons = [c.to_json(indent=2, sort_keys=True) for c in configs]
+  for workdir, config_json in zip(workdirs, config_jsons):
+    _check_workdir(workdir, config_json)
   mesh = setup.mesh
   teachers, teacher_vars = _load_teachers(setup, mesh)
 
-  # Everything is valid: from here on the workdir is written.
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config_json)
+  # Everything is valid: from here on the workdirs are written.
+  if before_write is not None:
+    before_write()
+  for workdir, config_json in zip(workdirs, config_jsons):
+    _write_config(workdir, config_json)
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
-  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed,
-                               ema=setup.ema_decay is not None)
-  state = jax.device_put(state, meshlib.replicated(mesh))
-  dataset = kdata.train_dataset(setup.train_source, batch_size=config.data.batch_size, seed=config.seed,
-                                augment=config.data.augment, mean=config.data.mean, std=config.data.std)
-  data_iter = iter(dataset.to_iter_dataset())
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
-    data_iter.set_state(data_state)
-  start_step = int(state.step)
+  graphdef, states = None, []
+  for s, c in zip(setups, configs):
+    graphdef, state = init_state(s.learner, tx, s.objective.init_state(), c.seed, ema=s.ema_decay is not None)
+    states.append(jax.device_put(state, meshlib.replicated(mesh)))
+  data_iters = [iter(kdata.train_dataset(s.train_source, batch_size=c.data.batch_size, seed=c.seed,
+                                         augment=c.data.augment, mean=c.data.mean, std=c.data.std).to_iter_dataset())
+                for s, c in zip(setups, configs)]
+  ckpts = [checkpoint.Checkpointer(w / "checkpoints") for w in workdirs]
+  latest = [c.latest_step() for c in ckpts]
+  if any(step is not None for step in latest):
+    if any(step is None for step in latest):
+      raise UserError(f"{workdirs[0].parent}: some seeds have checkpoints and others not; use a new workdir")
+    common = min(latest)  # Seeds save together; a kill between their saves leaves one step behind.
+    for i, ckpt in enumerate(ckpts):
+      states[i], data_state = ckpt.restore(states[i], step=common)
+      data_iters[i].set_state(data_state)
+  state = _stack(states)
+  start_step = int(states[0].step)
 
+  step_fn = make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay)
+  eval_fn = make_eval_step(graphdef, teachers, setup.train_source.num_classes)
+  if n > 1:
+    step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))
+    eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, None))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  train_step = jax.jit(make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay),
-                       out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.train_source.num_classes))
-  log = MetricsLog(workdir, start_step)
-  wandb_log = WandbLog(workdir, json.loads(config_json), enabled=use_wandb, project=config.get("wandb_project", "kdlab"),
-                       group=config.get("wandb_group") or None, tags=tuple(config.get("wandb_tags", ())))
+  train_step = jax.jit(step_fn, out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
+  eval_step = jax.jit(eval_fn)
+  logs = [MetricsLog(w, start_step) for w in workdirs]
+  wandb_logs = [WandbLog(w, json.loads(j), enabled=use_wandb, project=c.get("wandb_project", "kdlab"),
+                         group=c.get("wandb_group") or None, tags=tuple(c.get("wandb_tags", ())))
+                for w, j, c in zip(workdirs, config_jsons, configs)]
 
+  def evaluate_all() -> list[dict[str, Any]]:
+    totals: dict[str, Any] = {}
+    for batch in kdata.eval_batches(setup.test_source, batch_size=config.data.eval_batch_size,
+                                    mean=config.data.mean, std=config.data.std):
+      totals = accumulate(totals, eval_step(state, teacher_vars, _global(batch, mesh), offset))
+    return [reduce_metrics(t) for t in _unstack(totals, n)]
+
+  offset = jnp.zeros((setup.train_source.num_classes,), jnp.float32)
   eval_every = max(1, int(round(config.train.eval_every_epochs * setup.steps_per_epoch)))
   ckpt_every = max(1, int(round(config.train.checkpoint_every_epochs * setup.steps_per_epoch)))
   log_every = max(1, min(config.train.log_every_steps, setup.steps_per_epoch))
   totals: dict[str, Any] = {}
-  best = max((m.get("test/accuracy", -1.0) for m in _evals(workdir)), default=-1.0)
+  best = [max((m.get("test/accuracy", -1.0) for m in _evals(w)), default=-1.0) for w in workdirs]
   steps_timed, time_in_steps = 0, 0.0
-  bar = tqdm(total=setup.total_steps, initial=start_step, disable=not progress, desc=workdir.name,
+  final = None
+  bar = tqdm(total=setup.total_steps, initial=start_step, disable=not progress, desc=workdirs[0].name,
              mininterval=2.0, dynamic_ncols=True)
   for step in range(start_step + 1, setup.total_steps + 1):
-    batch = _global(next(data_iter), mesh)
+    batches = [next(it) for it in data_iters]
+    batch = _global(batches[0] if n == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]},
+                    mesh, stacked=n > 1)
     t0 = time.time()
     state, metrics = train_step(state, teacher_vars, batch)
     totals = accumulate(totals, metrics)
     save_now = step % ckpt_every == 0 or step == setup.total_steps
     # Logging at every checkpoint too keeps the averaging windows of a resumed run identical.
     if step % log_every == 0 or save_now:
-      values = reduce_metrics(totals)
+      for i, values in enumerate(reduce_metrics(t) for t in _unstack(totals, n)):
+        if not math.isfinite(values["loss"]):
+          raise FloatingPointError(f"{workdirs[i]}: loss became {values['loss']} at step {step}; "
+                                   f"lower the learning rate or check the inputs")
+        values["epoch"] = step / setup.steps_per_epoch
+        logs[i].write(step, values)
+        wandb_logs[i].write(step, values)
       totals = {}
-      if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"loss became {values['loss']} at step {step}; lower the learning rate or check inputs")
-      values["epoch"] = step / setup.steps_per_epoch
-      log.write(step, values)
-      wandb_log.write(step, values)
       bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
     if step > start_step + 1:  # The first step compiles; leave it out of the speed figure.
       jax.block_until_ready(state.step)
       steps_timed += 1
       time_in_steps += time.time() - t0
     if step % eval_every == 0 or step == setup.total_steps:
-      values = evaluate(eval_step, state, teacher_vars, setup.test_source, config, mesh)
-      best = max(best, values["test/accuracy"])
-      log.write(step, {**values, "epoch": step / setup.steps_per_epoch})
-      wandb_log.write(step, values)
+      final = evaluate_all()
+      for i, values in enumerate(final):
+        best[i] = max(best[i], values["test/accuracy"])
+        logs[i].write(step, {**values, "epoch": step / setup.steps_per_epoch})
+        wandb_logs[i].write(step, values)
     if save_now:
-      ckpt.save(step, state, data_iter.get_state())
+      for ckpt, s, it in zip(ckpts, _unstack(state, n), data_iters):
+        ckpt.save(step, s, it.get_state())
     bar.update(1)
   bar.close()
 
-  final = evaluate(eval_step, state, teacher_vars, setup.test_source, config, mesh)
-  summary = {
-      "steps": setup.total_steps,
-      "test_accuracy": final["test/accuracy"],
-      "best_test_accuracy": max(best, final["test/accuracy"]),
-      "test_errors": int(final["test/errors"]),
-      "test_errors_per_class": [int(e) for e in final["test/errors_per_class"]],
-      "test_examples": len(setup.test_source),
-      "test_ce": final["test/ce"],
-      "agreement_top1": final.get("agreement/top1"),
-      "kl_teacher": final.get("test/kl_teacher"),
-      "wall_time_s": time.time() - start,
-      "steps_per_s": steps_timed / time_in_steps if time_in_steps else None,
-  }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  wandb_log.write(setup.total_steps, {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-  wandb_log.close()
-  ckpt.close()
-  return summary
+  summaries = []
+  for i, values in enumerate(final if final is not None else evaluate_all()):
+    summary = {
+        "steps": setup.total_steps,
+        "test_accuracy": values["test/accuracy"],
+        "best_test_accuracy": max(best[i], values["test/accuracy"]),
+        "test_errors": int(values["test/errors"]),
+        "test_errors_per_class": [int(e) for e in values["test/errors_per_class"]],
+        "test_examples": len(setup.test_source),
+        "test_ce": values["test/ce"],
+        "agreement_top1": values.get("agreement/top1"),
+        "kl_teacher": values.get("test/kl_teacher"),
+        "wall_time_s": time.time() - start,
+        # Each run advanced this many steps per second (all n runs together: n times as many).
+        "steps_per_s": steps_timed / time_in_steps if time_in_steps else None,
+        "runs_in_step": n,
+    }
+    (workdirs[i] / "summary.json").write_text(json.dumps(summary, indent=2))
+    wandb_logs[i].write(setup.total_steps, {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    wandb_logs[i].close()
+    ckpts[i].close()
+    summaries.append(summary)
+  return summaries
 
 
 def _evals(workdir: pathlib.Path) -> list[dict[str, Any]]:

@@ -42,10 +42,10 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in DATA_AXES if a in mesh.shape)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data-parallel axes."""
+def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+  """The batch axis (after ``leading_axes`` unsplit axes, e.g. vmapped seeds) split over the data axes."""
   axes = tuple(a for a in DATA_AXES if a in mesh.shape)
-  return NamedSharding(mesh, P(axes if axes else None))
+  return NamedSharding(mesh, P(*([None] * leading_axes), axes if axes else None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
