@@ -40,9 +40,9 @@ def combine_teachers(logits: jax.Array, *, method: str, temperature: float = 1.0
     ``[num_teachers]``, non-negative, normalised to sum 1.
   * ``"confidence"``: ``T * log(sum_i w_i p_i)`` with per-example weights
     ``w = softmax_i(-CE(logits_i, labels))`` (the teachers' cross-entropy on
-    the true label at temperature 1): confident, correct teachers count more
-    (as in CA-MKD, Zhang et al. 2022, "Confidence-Aware Multi-Teacher
-    Knowledge Distillation").
+    the true label at temperature 1): confident, correct teachers count more.
+    Related to CA-MKD (Zhang et al. 2022, "Confidence-Aware Multi-Teacher
+    Knowledge Distillation"), whose weights are ``(1 - softmax_i(CE_i)) / (K - 1)``.
 
   The mixtures are computed as logsumexp over teachers of ``log w_i +
   log p_i``, so they stay finite for extreme logits. No gradient is stopped:

@@ -14,7 +14,7 @@ Three ways to compute the same value:
   * ``fused_token_kd``: from final hidden states and unembedding matrices; the
     ``[batch * length, vocab]`` logits are never materialized, forward or backward.
 
-Divergences (per token, ``p = softmax(logits / T)``):
+Divergences (per token, ``p = softmax(logits / T)``; those of ``kdlab.losses.logits``):
   * ``kd``:          ``T^2 KL(p_t || p_s)`` (Hinton et al. 2015)
   * ``reverse_kl``:  ``T^2 KL(p_s || p_t)`` (mode seeking; Gu et al. 2024, "MiniLLM")
   * ``jsd``:         ``T^2 [beta KL(p_t || m) + (1 - beta) KL(p_s || m)]``, ``m = beta p_t + (1 - beta) p_s``
@@ -41,39 +41,14 @@ Divergence = Callable[..., jax.Array]
 DIVERGENCES = ("kd", "reverse_kl", "jsd", "tvd")
 
 
-# --- per-token divergences: [..., V] float32 logits -> [...] ------------------------------------
-
-def _log_probs(s: jax.Array, t: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:
-  return jax.nn.log_softmax(s / temperature, axis=-1), jax.nn.log_softmax(t / temperature, axis=-1)
-
-
-def _kd(s, t, temperature, beta):
-  del beta
-  return _logits.kd(s, t, temperature=temperature)
-
-
-def _reverse_kl(s, t, temperature, beta):
-  del beta
-  log_ps, log_pt = _log_probs(s, t, temperature)
-  return temperature**2 * jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1)
-
-
-def _jsd(s, t, temperature, beta):
-  log_ps, log_pt = _log_probs(s, t, temperature)
-  log_m = jnp.logaddexp(jnp.log(beta) + log_pt, jnp.log1p(-beta) + log_ps)
-  kl_t = jnp.sum(jnp.exp(log_pt) * (log_pt - log_m), axis=-1)
-  kl_s = jnp.sum(jnp.exp(log_ps) * (log_ps - log_m), axis=-1)
-  return temperature**2 * (beta * kl_t + (1.0 - beta) * kl_s)
-
-
-def _tvd(s, t, temperature, beta):
-  del beta
-  log_ps, log_pt = _log_probs(s, t, temperature)
-  return 0.5 * jnp.sum(jnp.abs(jnp.exp(log_pt) - jnp.exp(log_ps)), axis=-1)
-
+# --- per-token divergences: the logit losses, fn(s, t, temperature, beta) -> [...] ----------------
 
 _PER_TOKEN: dict[str, Callable[..., jax.Array]] = {
-    "kd": _kd, "reverse_kl": _reverse_kl, "jsd": _jsd, "tvd": _tvd}
+    "kd": lambda s, t, temperature, beta: _logits.kd(s, t, temperature=temperature),
+    "reverse_kl": lambda s, t, temperature, beta: _logits.reverse_kl(s, t, temperature=temperature),
+    "jsd": lambda s, t, temperature, beta: _logits.jsd(s, t, beta=beta, temperature=temperature),
+    "tvd": lambda s, t, temperature, beta: _logits.tvd(s, t, temperature=temperature),
+}
 
 
 def _divergence(name: str) -> Callable[..., jax.Array]:
@@ -95,6 +70,9 @@ def divergence_fn(name: str) -> Divergence:
 
   div.__name__ = name
   return div
+
+
+_named_divergence = divergence_fn  # token_loss's argument shadows the name
 
 
 # --- checks and reductions ----------------------------------------------------------------------
@@ -158,7 +136,7 @@ def token_loss(divergence_fn: Divergence | str, s_logits: jax.Array, t_logits: j
     >>> token_loss(kdlab.losses.logits.kd, s, t, mask, temperature=2.0)
   """
   if isinstance(divergence_fn, str):
-    divergence_fn = globals()["divergence_fn"](divergence_fn)
+    divergence_fn = _named_divergence(divergence_fn)
   s_logits, t_logits = _check_pair(s_logits, t_logits)
   if s_logits.ndim != 3:
     raise ValueError(f"s_logits: expected [batch, length, vocab], got shape {s_logits.shape}")
