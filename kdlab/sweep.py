@@ -3,7 +3,8 @@
   kdlab sweep --config=configs/hinton_mnist.py:kd --sweep=experiments/temperature_alpha.py \\
       --workdir=runs/temperature_alpha [--parallel N] [--nowandb] [--config.FIELD=VALUE ...]
 
-A sweep file defines ``get_sweep()`` returning a dict (docs/sweeps.md has examples):
+A sweep file defines ``get_sweep()`` returning a dict (docs/sweeps.md has examples);
+``--sweep=FILE:ARG`` calls ``get_sweep(ARG)`` instead, for variants (e.g. a tiny smoke test):
 
   seeds   [0, 1, 2]                                  each run sets config.seed (default [0])
   grid    {path: [values], (path, path): [(v, w), ...]}   cartesian product; a tuple key ties paths
@@ -190,21 +191,26 @@ def _jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Reading and validating a sweep file.
 
-def load_sweep_file(path: str) -> dict[str, Any]:
+def load_sweep_file(spec: str) -> dict[str, Any]:
+  """``"experiments/NAME.py[:ARG]"`` -> that file's ``get_sweep()`` (``get_sweep(ARG)`` with an ARG)."""
+  path, _, arg = spec.partition(":")
   file = pathlib.Path(path)
   if not file.is_file():
     raise UserError(f"--sweep: no sweep file {path!r}; pass e.g. --sweep=experiments/temperature_alpha.py")
-  spec = importlib.util.spec_from_file_location(f"kdlab_sweep_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module_spec = importlib.util.spec_from_file_location(f"kdlab_sweep_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
-    raise UserError(f"--sweep={path}: defines no get_sweep()")
-  sweep = module.get_sweep()
+    raise UserError(f"--sweep={spec}: defines no get_sweep()")
+  try:
+    sweep = module.get_sweep(arg) if arg else module.get_sweep()
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f"--sweep={spec}: get_sweep({arg!r}): {e}") from None
   if not isinstance(sweep, dict):
-    raise UserError(f"--sweep={path}: get_sweep() must return a dict, got {type(sweep).__name__}")
+    raise UserError(f"--sweep={spec}: get_sweep() must return a dict, got {type(sweep).__name__}")
   unknown = sorted(set(sweep) - set(SWEEP_KEYS))
   if unknown:
-    raise UserError(f"--sweep={path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+    raise UserError(f"--sweep={spec}: unknown key(s) {', '.join(map(repr, unknown))}; "
                     f"allowed: {', '.join(SWEEP_KEYS)}")
   return sweep
 
@@ -402,7 +408,7 @@ def plan(config_spec: str, sweep_file: str, base_overrides: Sequence[str] = (), 
   spec = load_sweep_file(sweep_file)
   seeds = _seeds(spec, where)
   kind, axes, axis_values, points = _settings_from_spec(spec, where)
-  name = spec.get("name", pathlib.Path(sweep_file).stem)
+  name = spec.get("name", pathlib.Path(sweep_file.partition(":")[0]).stem)
   if not isinstance(name, str) or not name:
     raise UserError(f"{where}: name must be a non-empty string")
   labels = spec.get("labels", {})
@@ -425,8 +431,7 @@ def plan(config_spec: str, sweep_file: str, base_overrides: Sequence[str] = (), 
           raise UserError(f"{where}: {entry}: conflicting overrides, {p} is also set on the command line "
                           f"by --config.{q}=...; drop one of them")
 
-  swept = [p for axis in axes for p in axis]
-  settings, names = [], {}
+  configs = []
   for overrides, sources in points:
     config = copy.deepcopy(base)
     for (p, v), entry in zip(overrides, sources):
@@ -434,6 +439,10 @@ def plan(config_spec: str, sweep_file: str, base_overrides: Sequence[str] = (), 
         kconfig.override(config, p, v)
       except UserError as e:
         raise UserError(f"{where}: {entry}: {p}={v!r}: {_detail(e)}") from None
+    configs.append(config)
+  swept = [p for axis in axes for p in axis]
+  settings, names = [], {}
+  for (overrides, sources), config in zip(points, configs):
     setting = Setting(setting_name(overrides), tuple(overrides), tuple(sources),
                       {p: _jsonable(_get(config, p)) for p in swept})
     if setting.name in names:
@@ -529,6 +538,7 @@ def run_sweep(config_spec: str, sweep_file: str, workdir: str | pathlib.Path, ba
   """
   if parallel < 1:
     raise UserError(f"--parallel={parallel}: must be >= 1")
+  _die_with_parent()
   sweep, base = plan(config_spec, sweep_file, base_overrides,
                      check_settings=True if not only else [o.rsplit("/", 1)[0] for o in only])
   workdir = pathlib.Path(workdir)
@@ -585,20 +595,29 @@ def _run_sequential(base, sweep: Sweep, workdir: pathlib.Path, todo, total: int,
   return failed
 
 
+_PARENT_ENV = "KDLAB_SWEEP_PARENT"
+
+
 def _die_with_parent() -> None:
-  """In the worker, before exec: get SIGKILL when the sweep process dies (Linux), so none is orphaned."""
+  """In a --parallel worker: get SIGKILL when the sweep process dies (Linux), so none is left orphaned."""
+  parent = os.environ.pop(_PARENT_ENV, None)
+  if parent is None or not sys.platform.startswith("linux"):
+    return
   try:
     import ctypes
     import signal
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
   except (OSError, AttributeError):
-    pass
+    return
+  if os.getppid() != int(parent):  # The parent died before prctl took effect.
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _run_parallel(config_spec, sweep_file, workdir: pathlib.Path, base_overrides, todo, total: int, parallel: int,
                   use_wandb: bool, say) -> list[str]:
   package_root = str(pathlib.Path(__file__).resolve().parent.parent)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+             **{_PARENT_ENV: str(os.getpid())})
   pending, running, failed = list(todo), [], []
   try:
     while pending or running:
@@ -607,8 +626,7 @@ def _run_parallel(config_spec, sweep_file, workdir: pathlib.Path, base_overrides
         cmd = [sys.executable, "-m", "kdlab", "sweep", f"--config={config_spec}", f"--sweep={sweep_file}",
                f"--workdir={workdir}", f"--only={run.name}", *([] if use_wandb else ["--nowandb"]),
                *base_overrides]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
         running.append((proc, i, run, time.time()))
       time.sleep(0.2)
       for item in list(running):
@@ -697,9 +715,9 @@ def stats(workdir: pathlib.Path, sweep: Sweep) -> list[dict[str, Any]]:
     out.append({
         "setting": setting, "seeds": [seed for seed, _ in by_setting[setting.name]],
         "test_accuracy": [s["test_accuracy"] for s in runs],
-        "best_test_accuracy": [s["best_test_accuracy"] for s in runs],
-        "test_errors": [s["test_errors"] for s in runs],
-        "test_examples": runs[0]["test_examples"] if runs else None,
+        "best_test_accuracy": [s.get("best_test_accuracy") for s in runs],
+        "test_errors": [s.get("test_errors") for s in runs],
+        "test_examples": runs[0].get("test_examples") if runs else None,
         "agreement_top1": [s.get("agreement_top1") for s in runs],
         "kl_teacher": [s.get("kl_teacher") for s in runs],
     })
