@@ -61,13 +61,17 @@ def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
 def linear(in_features: int, out_features: int, *, kernel_init: Initializer = torch_default,
            bias_init: Initializer | None = None, rngs: nnx.Rngs) -> nnx.Linear:
   """Dense layer; the bias defaults to PyTorch's init for this ``in_features``."""
-  return nnx.Linear(in_features, out_features, kernel_init=kernel_init,
-                    bias_init=bias_init if bias_init is not None else torch_default_bias(in_features),
+  if bias_init is None:
+    bias_init = torch_default_bias(in_features)
+  return nnx.Linear(in_features, out_features, kernel_init=kernel_init, bias_init=bias_init,
                     rngs=rngs)
 
 
 class ConvBN(nnx.Module):
-  """Convolution then batch norm, no activation: ``[N, H, W, in] -> [N, H/stride, W/stride, out]``."""
+  """Convolution then batch norm, no activation.
+
+  ``[N, H, W, in_ch] -> [N, H/stride, W/stride, out_ch]``.
+  """
 
   def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
                groups: int = 1, use_bias: bool = False,

@@ -8,20 +8,20 @@ The stem is a 3x3 stride-1 conv + BN + ReLU (no max pool). Convs have no bias
 and kaiming-normal (fan_out) init; the classifier has PyTorch's default init.
 
 ``model(x, *, train) -> (logits, feats)``, ``x``: ``[N, 32, 32, 3]``. ``feats``
-(shapes at a 32x32 input; ``Ww`` is the stage width, ``e`` the block expansion,
-1 for basic blocks and 4 for bottlenecks):
+(shapes per example, ``H x W x C``, at a 32x32 input):
 
-  stem            ``[N, 32, 32, W0]``  stem conv + BN + ReLU
+  stem            stem conv + BN + ReLU
   stage{i}        stage ``i``'s output, after its last block's final ReLU
-  stage{i}_preact the same before that ReLU (block sum)
-  pool            ``[N, Wlast * e]``   global average pool, fed to ``fc``
+  stage{i}_preact the same before that ReLU (the residual sum)
+  pool            global average pool of the last stage, fed to ``fc``
 
-CIFAR ResNets (3 stages, basic blocks, ``(depth - 2) / 6`` blocks per stage):
-stage1 ``[N, 32, 32, W1]``, stage2 ``[N, 16, 16, W2]``, stage3 ``[N, 8, 8, W3]``
-with ``(W0, W1, W2, W3) = (16, 16, 32, 64)``, or ``(32, 64, 128, 256)`` for the
-x4 variants. ResNet50 (4 stages of 3/4/6/3 bottlenecks, ``W0 = 64``): stage1
-``[N, 32, 32, 256]``, stage2 ``[N, 16, 16, 512]``, stage3 ``[N, 8, 8, 1024]``,
-stage4 ``[N, 4, 4, 2048]``, pool ``[N, 2048]``.
+  model               stem      stage1     stage2     stage3     stage4    pool
+  resnet8..resnet110  32x32x16  32x32x16   16x16x32   8x8x64     -         64
+  resnet8x4, 32x4     32x32x32  32x32x64   16x16x128  8x8x256    -         256
+  ResNet50            32x32x64  32x32x256  16x16x512  8x8x1024   4x4x2048  2048
+
+CIFAR ResNets have 3 stages of ``(depth - 2) / 6`` basic blocks; ResNet50 has
+4 stages of 3/4/6/3 bottlenecks (expansion 4).
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-  """1x1 reduce, 3x3 (strided), 1x1 expand: ``[N, H, W, in_ch] -> [N, H/stride, W/stride, 4 * width]``."""
+  """1x1 reduce, 3x3 (strided), 1x1 expand.
+
+  ``[N, H, W, in_ch] -> [N, H/stride, W/stride, 4 * width]``.
+  """
 
   expansion = 4
 
@@ -78,14 +81,18 @@ class Bottleneck(nnx.Module):
 
 
 class ResNet(nnx.Module):
-  """ResNet for 32x32 inputs; stage ``i > 1`` halves the resolution. See the module docstring for ``feats``."""
+  """ResNet for 32x32 inputs; every stage after the first halves the resolution.
+
+  See the module docstring for ``feats``.
+  """
 
   def __init__(self, block: type[BasicBlock] | type[Bottleneck], num_blocks: Sequence[int],
                widths: Sequence[int], *, stem_width: int, num_classes: int = 100,
-               rngs: nnx.Rngs):
+               in_channels: int = 3, rngs: nnx.Rngs):
     if len(num_blocks) != len(widths):
-      raise ValueError(f"num_blocks {tuple(num_blocks)} and widths {tuple(widths)} differ in length")
-    self.stem = layers.ConvBN(3, stem_width, 3, rngs=rngs)
+      raise ValueError(f"num_blocks {tuple(num_blocks)} and widths {tuple(widths)} "
+                       "differ in length")
+    self.stem = layers.ConvBN(in_channels, stem_width, 3, rngs=rngs)
     stages = []
     in_ch = stem_width
     for i, (n, width) in enumerate(zip(num_blocks, widths)):
@@ -112,14 +119,14 @@ class ResNet(nnx.Module):
     return self.fc(h), feats
 
 
-def cifar_resnet(depth: int, widths: Sequence[int], *, num_classes: int = 100,
+def cifar_resnet(depth: int, widths: Sequence[int], *, num_classes: int = 100, in_channels: int = 3,
                  rngs: nnx.Rngs) -> ResNet:
   """CIFAR ResNet of ``depth = 6n + 2`` layers; ``widths`` = (stem, stage1, stage2, stage3)."""
   if (depth - 2) % 6:
     raise ValueError(f"depth must be 6n + 2 for basic blocks, got {depth}")
   n = (depth - 2) // 6
   return ResNet(BasicBlock, (n, n, n), widths[1:], stem_width=widths[0],
-                num_classes=num_classes, rngs=rngs)
+                num_classes=num_classes, in_channels=in_channels, rngs=rngs)
 
 
 _CIFAR_RESNETS = {
@@ -139,6 +146,6 @@ for _name, (_depth, _widths) in _CIFAR_RESNETS.items():
 
 @register("ResNet50")
 def resnet50(*, num_classes: int = 100, rngs: nnx.Rngs) -> ResNet:
-  """ResNet50 with a CIFAR stem (3x3 stride-1 conv, no max pool), as in RepDistiller's resnetv2.py."""
+  """ResNet50 with a CIFAR stem (3x3 stride-1 conv, no max pool), as RepDistiller's resnetv2.py."""
   return ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), stem_width=64,
                 num_classes=num_classes, rngs=rngs)
