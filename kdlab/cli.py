@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> None:
 def _sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from kdlab import sweep
   failed = sweep.run_sweep(args.config, args.sweep, args.workdir, overrides, parallel=args.parallel,
-                           use_wandb=not args.nowandb, only=args.only or (), quiet=bool(args.only))
+                           use_wandb=not args.nowandb, worker=args.worker)
   if failed:
     print(f"kdlab: error: {len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and rerun the same "
           f"command to resume", file=sys.stderr)
@@ -55,12 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   sweep = commands.add_parser("sweep", help="train every run of a sweep file (resumes; skips finished runs)")
   sweep.add_argument("--config", required=True, help="configs/FILE.py[:VARIANT], the base of every run")
-  sweep.add_argument("--sweep", required=True, help="experiments/NAME.py defining get_sweep()")
+  sweep.add_argument("--sweep", required=True, help="experiments/NAME.py[:ARG] defining get_sweep() (docs/sweeps.md)")
   sweep.add_argument("--workdir", required=True, help="sweep directory: one sub-workdir per run, results.{csv,md}")
   sweep.add_argument("--parallel", type=int, default=1, metavar="N", help="train in N worker processes")
   sweep.add_argument("--nowandb", action="store_true", help="disable W&B logging (offline by default)")
-  sweep.add_argument("--only", action="append", metavar="RUN",
-                     help="train only this run (SETTING/seed=N), no aggregation; what --parallel workers do")
+  sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # A --parallel worker process.
   report = commands.add_parser("report", help="report.md with plots for a sweep or a single run directory")
   report.add_argument("workdir", metavar="DIR", help="a sweep's --workdir or one run's workdir")
   args, rest = parser.parse_known_args(argv)

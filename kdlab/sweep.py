@@ -393,15 +393,13 @@ def _detail(e: UserError) -> str:
   return msg.split(": ", 1)[1] if msg.startswith("--config.") and ": " in msg else msg
 
 
-def plan(config_spec: str, sweep_file: str, base_overrides: Sequence[str] = (), *,
-         check_settings: bool | Sequence[str] = True) -> tuple[Sweep, ml_collections.ConfigDict]:
-  """Loads and validates a sweep; returns it with the base config. Writes nothing.
+def plan(config_spec: str, sweep_file: str,
+         base_overrides: Sequence[str] = ()) -> tuple[Sweep, ml_collections.ConfigDict]:
+  """Loads a sweep and checks its structure; returns it with the base config. Writes nothing.
 
-  Every override of every setting is applied to a copy of the config (an unknown
-  path or a badly typed value names its entry); with ``check_settings`` each
-  setting's config is also built abstractly (models, objective, data, teacher
-  checkpoints) as ``train`` would, so mistakes surface before any run starts.
-  A sequence of setting names checks only those.
+  Every override of every setting is applied to a copy of the config, so an
+  unknown path, a badly typed value or a conflict names its entry. :func:`check`
+  then builds each setting as ``train`` would.
   """
   base = kconfig.apply_overrides(kconfig.load(config_spec), base_overrides)
   where = f"--sweep={sweep_file}"
@@ -453,17 +451,18 @@ def plan(config_spec: str, sweep_file: str, base_overrides: Sequence[str] = (), 
 
   command = {"config": config_spec, "sweep": sweep_file, "overrides": list(base_overrides)}
   sweep = Sweep(name, kind, axes, _jsonable(axis_values), settings, seeds, labels, command)
-  if check_settings:
-    from kdlab.train.loop import prepare  # Lazy: imports JAX.
-    wanted = None if check_settings is True else set(check_settings)
-    for setting in settings:
-      if wanted is not None and setting.name not in wanted:
-        continue
-      try:
-        prepare(run_config(base, sweep, Run(setting, seeds[0])))
-      except UserError as e:
-        raise UserError(f"{where}: setting {setting.name}: {e}") from None
   return sweep, base
+
+
+def check(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
+  """Builds every setting's config abstractly (models, objective, data, teacher checkpoints) as ``train``
+  would, so a bad setting stops the sweep before any run starts."""
+  from kdlab.train.loop import prepare  # Lazy: imports JAX.
+  for setting in sweep.settings:
+    try:
+      prepare(run_config(base, sweep, Run(setting, sweep.seeds[0])))
+    except UserError as e:
+      raise UserError(f"--sweep={sweep.command['sweep']}: setting {setting.name}: {e}") from None
 
 
 def run_config(base: ml_collections.ConfigDict, sweep: Sweep, run: Run) -> ml_collections.ConfigDict:
@@ -493,8 +492,16 @@ def _check_existing(workdir: pathlib.Path, sweep: Sweep, base: ml_collections.Co
 # ----------------------------------------------------------------------------------------------
 # Running.
 
+def read_summary(workdir: pathlib.Path, run: Run) -> dict[str, Any] | None:
+  """The run's ``summary.json``, or None if it has none (or a partial one, from a kill mid-write)."""
+  try:
+    return json.loads((workdir / run.name / "summary.json").read_text())
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
 def finished(workdir: pathlib.Path, run: Run) -> bool:
-  return (workdir / run.name / "summary.json").exists()
+  return read_summary(workdir, run) is not None
 
 
 class _Lock:
@@ -523,72 +530,79 @@ def _write_json(path: pathlib.Path, data: Any) -> None:
   os.replace(tmp, path)  # Atomic: parallel workers write the same file.
 
 
-def _result_line(workdir: pathlib.Path, run: Run, seconds: float) -> str:
-  s = json.loads((workdir / run.name / "summary.json").read_text())
-  return (f"test accuracy {s['test_accuracy']:.4f} (best epoch {s['best_test_accuracy']:.4f}), "
-          f"{s['test_errors']} errors of {s['test_examples']}, {seconds:.0f} s")
-
-
 def run_sweep(config_spec: str, sweep_file: str, workdir: str | pathlib.Path, base_overrides: Sequence[str] = (),
-              *, parallel: int = 1, use_wandb: bool = True, only: Sequence[str] = (), quiet: bool = False) -> list[str]:
+              *, parallel: int = 1, use_wandb: bool = True, worker: bool = False) -> list[str]:
   """Validates, then trains every unfinished run; returns the names of runs that failed.
 
-  ``parallel`` > 1 trains in that many worker processes (``python -m kdlab sweep
-  ... --only RUN``). ``only`` restricts to the named runs and skips aggregation.
+  Runs go in order, each under a lock, so any number of processes can share a
+  sweep: one skips the runs another holds. ``parallel`` > 1 starts that many
+  worker processes (``python -m kdlab sweep ... --worker``) that do exactly this;
+  a worker skips validation (its parent did it), printing and aggregation.
   """
   if parallel < 1:
     raise UserError(f"--parallel={parallel}: must be >= 1")
-  _die_with_parent()
-  sweep, base = plan(config_spec, sweep_file, base_overrides,
-                     check_settings=True if not only else [o.rsplit("/", 1)[0] for o in only])
+  if worker:
+    _die_with_parent()
+  sweep, base = plan(config_spec, sweep_file, base_overrides)
   workdir = pathlib.Path(workdir)
-  runs = sweep.runs()
-  if only:
-    unknown = sorted(set(only) - {r.name for r in runs})
-    if unknown:
-      raise UserError(f"--only: no run named {unknown[0]!r} in this sweep (runs look like {runs[0].name!r})")
-    runs = [r for r in runs if r.name in set(only)]
   _check_existing(workdir, sweep, base)
+  if worker:
+    _run_sequential(base, sweep, workdir, list(enumerate(sweep.runs(), 1)), use_wandb, say=_to_stderr, worker=True)
+    return []
+  check(sweep, base)
 
   # Everything is valid: from here on the workdir is written.
   workdir.mkdir(parents=True, exist_ok=True)
   _write_json(workdir / "sweep.json", sweep.to_json())
-  say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-  total = len(runs)
+  runs = sweep.runs()
   todo = [(i, r) for i, r in enumerate(runs, 1) if not finished(workdir, r)]
-  say(f"sweep {sweep.name}: {len(sweep.settings)} settings x {len(sweep.seeds)} seeds = {len(sweep.runs())} runs "
-      f"in {workdir}; {total - len(todo)} finished earlier" + (f", {parallel} workers" if parallel > 1 else ""))
-  if parallel > 1 and len(todo) > 1:
-    failed = _run_parallel(config_spec, sweep_file, workdir, base_overrides, todo, total, parallel, use_wandb, say)
+  workers = min(parallel, len(todo))
+  say = lambda *a: print(*a, flush=True)
+  say(f"sweep {sweep.name}: {len(sweep.settings)} settings x {len(sweep.seeds)} seeds = {len(runs)} runs "
+      f"in {workdir}; {len(runs) - len(todo)} finished earlier" + (f"; {workers} workers" if workers > 1 else ""))
+  if workers > 1:
+    failed = _run_parallel(config_spec, sweep_file, workdir, base_overrides, todo, len(runs), workers, use_wandb, say)
   else:
-    failed = _run_sequential(base, sweep, workdir, todo, total, use_wandb, say)
-  if not only:
-    aggregate(workdir)
-    say(f"results: {workdir / 'results.md'} and {workdir / 'results.csv'}")
+    failed = _run_sequential(base, sweep, workdir, todo, use_wandb, say)
+  aggregate(workdir)
+  say(f"results: {workdir / 'results.md'} and {workdir / 'results.csv'}")
   return failed
 
 
-def _run_sequential(base, sweep: Sweep, workdir: pathlib.Path, todo, total: int, use_wandb: bool, say) -> list[str]:
+def _to_stderr(*args) -> None:
+  print(*args, file=sys.stderr, flush=True)
+
+
+def _result_line(workdir: pathlib.Path, run: Run) -> str:
+  s = read_summary(workdir, run)
+  return (f"test accuracy {s['test_accuracy']:.4f} (best epoch {s.get('best_test_accuracy', float('nan')):.4f}), "
+          f"{s.get('test_errors')} errors of {s.get('test_examples')}, {s.get('wall_time_s', 0):.0f} s")
+
+
+def _run_sequential(base, sweep: Sweep, workdir: pathlib.Path, todo, use_wandb: bool, say,
+                    worker: bool = False) -> list[str]:
+  """Trains the runs of ``todo`` that are unfinished and not held by another process."""
   import jax  # Lazy: the sweep module itself stays light.
   from kdlab.train.loop import train
-  failed = []
+  failed, total = [], len(sweep.runs())
   for i, run in todo:
     lock = _Lock(workdir, run)
     if not lock.acquire():
-      say(f"[{i}/{total}] {run.name}: being trained by another process, skipped")
-      failed.append(run.name)
+      if not worker:
+        say(f"[{i}/{total}] {run.name}: being trained by another process, skipped")
+        failed.append(run.name)
       continue
     try:
       if finished(workdir, run):  # Finished by another process meanwhile.
         continue
-      t0 = time.time()
       try:
         train(run_config(base, sweep, run), workdir / run.name, use_wandb=use_wandb, progress=False)
       except Exception as e:  # One diverging setting should not cost the rest of the sweep.
         say(f"[{i}/{total}] {run.name}: FAILED: {type(e).__name__}: {e}")
         failed.append(run.name)
         continue
-      say(f"[{i}/{total}] {run.name}: {_result_line(workdir, run, time.time() - t0)}")
+      if not worker:
+        say(f"[{i}/{total}] {run.name}: {_result_line(workdir, run)}")
     finally:
       lock.release()
       jax.clear_caches()  # Each run compiles its own step; don't keep every run's executables.
@@ -603,9 +617,9 @@ def _die_with_parent() -> None:
   parent = os.environ.pop(_PARENT_ENV, None)
   if parent is None or not sys.platform.startswith("linux"):
     return
+  import signal
   try:
     import ctypes
-    import signal
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
   except (OSError, AttributeError):
     return
@@ -613,37 +627,35 @@ def _die_with_parent() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _run_parallel(config_spec, sweep_file, workdir: pathlib.Path, base_overrides, todo, total: int, parallel: int,
+def _run_parallel(config_spec, sweep_file, workdir: pathlib.Path, base_overrides, todo, total: int, workers: int,
                   use_wandb: bool, say) -> list[str]:
+  """``workers`` processes share the runs through their locks; prints each result as it appears."""
   package_root = str(pathlib.Path(__file__).resolve().parent.parent)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
              **{_PARENT_ENV: str(os.getpid())})
-  pending, running, failed = list(todo), [], []
+  cmd = [sys.executable, "-m", "kdlab", "sweep", f"--config={config_spec}", f"--sweep={sweep_file}",
+         f"--workdir={workdir}", "--worker", *([] if use_wandb else ["--nowandb"]), *base_overrides]
+  procs, reported = [], set()
   try:
-    while pending or running:
-      while pending and len(running) < parallel:
-        i, run = pending.pop(0)
-        cmd = [sys.executable, "-m", "kdlab", "sweep", f"--config={config_spec}", f"--sweep={sweep_file}",
-               f"--workdir={workdir}", f"--only={run.name}", *([] if use_wandb else ["--nowandb"]),
-               *base_overrides]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-        running.append((proc, i, run, time.time()))
-      time.sleep(0.2)
-      for item in list(running):
-        proc, i, run, t0 = item
-        if proc.poll() is None:
-          continue
-        running.remove(item)
-        if proc.returncode == 0 and finished(workdir, run):
-          say(f"[{i}/{total}] {run.name}: {_result_line(workdir, run, time.time() - t0)}")
-        else:
-          say(f"[{i}/{total}] {run.name}: FAILED (worker exit status {proc.returncode}; its error is above)")
-          failed.append(run.name)
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for _ in range(workers)]
+    while True:
+      alive = any(p.poll() is None for p in procs)
+      for i, run in todo:
+        if run.name not in reported and finished(workdir, run):
+          reported.add(run.name)
+          say(f"[{i}/{total}] {run.name}: {_result_line(workdir, run)}")
+      if not alive:
+        break
+      time.sleep(0.5)
   finally:
-    for proc, *_ in running:  # Interrupted: stop our workers; their runs resume next time.
-      proc.terminate()
-    for proc, *_ in running:
+    for proc in procs:  # Interrupted: stop our workers; their runs resume next time.
+      if proc.poll() is None:
+        proc.terminate()
+    for proc in procs:
       proc.wait()
+  failed = [run.name for _, run in todo if not finished(workdir, run)]
+  for name in failed:
+    say(f"{name}: FAILED (its worker's error is above)")
   return failed
 
 
@@ -661,9 +673,9 @@ def summaries(workdir: pathlib.Path, sweep: Sweep) -> dict[str, list[tuple[int, 
   """Setting name -> [(seed, summary)] of its finished runs, in seed order."""
   out: dict[str, list[tuple[int, dict[str, Any]]]] = {s.name: [] for s in sweep.settings}
   for run in sorted(sweep.runs(), key=lambda r: r.seed):
-    path = workdir / run.name / "summary.json"
-    if path.exists():
-      out[run.setting.name].append((run.seed, json.loads(path.read_text())))
+    summary = read_summary(workdir, run)
+    if summary is not None:
+      out[run.setting.name].append((run.seed, summary))
   return out
 
 
@@ -681,9 +693,7 @@ def results_csv(workdir: pathlib.Path, sweep: Sweep) -> str:
   """One row per run (unfinished runs have empty metrics): run, setting, swept values, seed, summary fields."""
   rows = []
   for run in sweep.runs():
-    path = workdir / run.name / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    rows.append((run, summary))
+    rows.append((run, read_summary(workdir, run) or {}))
   extra = sorted({k for _, s in rows for k in s} - set(SUMMARY_FIELDS))
   fields = [*SUMMARY_FIELDS, *extra]
   out = io.StringIO()

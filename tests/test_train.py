@@ -102,3 +102,13 @@ def test_teacher_with_other_class_count_is_refused(runs, capsys):
   with pytest.raises(UserError, match="teacher predicts 10 classes but the student 12"):
     train(config, runs / "other", use_wandb=False, progress=False)
   assert not (runs / "other").exists()
+
+
+def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = load(f"{HINTON}:student,{QUICK}")
+  config.train.num_steps = 5
+  train(config, tmp_path / "run", use_wandb=True, progress=False)
+  offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+  assert len(offline) == 1 and any(offline[0].glob("*.wandb"))

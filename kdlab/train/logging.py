@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import pathlib
 from typing import Any, Mapping
 
@@ -42,11 +43,11 @@ class WandbLog:
       return
     import wandb  # Lazy: importing wandb costs about a second.
     id_file = workdir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     self.run = wandb.init(project=project, dir=str(workdir), config=dict(config), id=run_id, resume="allow",
                           mode=os.environ.get("WANDB_MODE", "offline"), group=group, tags=list(tags),
-                          name=workdir.name, settings=wandb.Settings(silent=True, console="off"))
+                          name="/".join(workdir.parts[-2:]), settings=wandb.Settings(silent=True, console="off"))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if self.run is not None:
