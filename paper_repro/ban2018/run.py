@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 from kdlab.config import load
 from kdlab.repro import mean_std, run_cached
@@ -37,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", default="runs/ban2018")
   parser.add_argument("--out", default=str(HERE / "results.md"))
   args = parser.parse_args(argv)
-  start = time.time()
   chains = []
   for seed in range(args.seeds):
     arg = f"ban,source={args.source},generations={args.generations}" + (f",epochs={args.epochs}" if args.epochs else "")
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     config.seed = seed * 100  # Generation k uses seed + k: keep the chains' seeds apart.
     chains.append(run_cached(config, pathlib.Path(args.workdir) / args.source / f"seed{seed}"))
   n = chains[0]["test_examples"]
-  rows = ["| model | test accuracy % (mean +/- std) | test errors (of %d) |" % n, "|---|---|---|"]
+  rows = [f"| model | test accuracy % (mean +/- std) | test errors (of {n}) |", "|---|---|---|"]
   for k in range(args.generations + 1):
     accs = [c["generations"][k]["test_accuracy"] for c in chains]
     errs = [c["generations"][k]["test_errors"] for c in chains]
@@ -59,13 +57,22 @@ def main(argv: list[str] | None = None) -> int:
   text = "\n".join([
       f"# Born-again networks on `{args.source}`: paper vs kdlab", "",
       f"Produced by `python paper_repro/ban2018/run.py --seeds {args.seeds} --generations {args.generations}` "
-      f"in {time.time() - start:.0f} s here (cached runs reused). Model: the 2x800 MLP (dropout 0.2) of "
+      f"here; the chains trained for {sum(c['wall_time_s'] for c in chains):.0f} s in all. Model: the 2x800 MLP (dropout 0.2) of "
       f"`configs/self_distill_mnist.py:ban`; {args.seeds} seeds.", "",
       *rows, "",
       f"**Paper (Furlanello et al. 2018, CIFAR, not comparable in absolute terms):** {PAPER}", "",
       f"**Ours:** generation 1 beats its teacher (generation 0) in {better} of {args.seeds} seeds; "
       f"mean accuracy by generation: " + ", ".join(f"{100 * sum(g) / len(g):.2f}%" for g in gen) + ".", "",
   ])
+  if better < args.seeds:
+    text += "\n".join([
+        "**Where ours disagrees, and why we think so.** On 4,000 MNIST digits the label-trained generation 0 fits "
+        "its training set almost perfectly, so its T = 1 outputs on the transfer set (the same training images) are "
+        "close to one-hot: the next generation receives little information beyond the labels, and with the "
+        "labels dropped from its loss it inherits its teacher's mistakes on top of its own; the small drop "
+        "compounds over generations. The paper's DenseNets on CIFAR keep non-trivial secondary probabilities on their training "
+        "data. A softer transfer (higher temperature, or CE + KD as in `configs/hinton_mnist.py:kd`, which does "
+        "help here, see paper_repro/hinton2015) is the lever; this runner keeps the paper's loss.", ""])
   pathlib.Path(args.out).write_text(text)
   print(text)
   return 0

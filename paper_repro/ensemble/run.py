@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import numpy as np
 
@@ -40,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", default="runs/ensemble")
   parser.add_argument("--out", default=str(HERE / "results.md"))
   args = parser.parse_args(argv)
-  start = time.time()
   root = pathlib.Path(args.workdir) / args.source
   epochs = f",epochs={args.student_epochs}" if args.student_epochs else ""
   teachers = []
@@ -82,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
   text = "\n".join([
       f"# Ensemble distillation on `{args.source}`: paper vs kdlab", "",
       f"Produced by `python paper_repro/ensemble/run.py --teachers {args.teachers} --seeds {args.seeds}` in "
-      f"{time.time() - start:.0f} s here (cached runs reused). Teachers: {args.teacher_epochs:g} epochs each; "
+      f"{sum(r['wall_time_s'] for r in teachers + [x for v in results.values() for x in v]):.0f} s of training here "
+      f"(sum over runs). Teachers: {args.teacher_epochs:g} epochs each; "
       "KD at T = 20 with weights 0.1 (labels) / 0.9 (soft targets).", "",
       *rows, "",
       f"**Paper:** {PAPER}", "",

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
       f"# Hinton et al. 2015 on `{args.source}`: paper vs kdlab",
       "",
       f"Produced by `python paper_repro/hinton2015/run.py --source {args.source} --seeds {args.seeds}` "
-      f"in {time.time() - start:.0f} s on this machine (runs cached in `{root}` are reused).",
+      f"on this machine: {time.time() - start:.0f} s for this invocation (runs cached in `{root}` are reused).",
       "The paper trained on 60,000 MNIST images and tested on 10,000; "
       + ("`mnist5k` is 5,000 real MNIST digits split 4,000 train / 1,000 test (stratified, fixed seed), "
          "so our error rates are higher and counts are out of 1,000." if args.source == "mnist5k" else ""),
