@@ -131,6 +131,13 @@ def make_schedule(value: Any, field: str) -> Callable[[jax.Array], jax.Array]:
     raise UserError(f"{field}: expected a number or dict(schedule=..., ...), got {value!r}")
   kwargs = dict(value)
   kind = kwargs.pop("schedule")
+  if isinstance(kwargs.get("boundaries_and_scales"), Mapping):
+    # JSON (a run's config.json) turns the int step boundaries into strings.
+    try:
+      kwargs["boundaries_and_scales"] = {int(k): float(v) for k, v in kwargs["boundaries_and_scales"].items()}
+    except (TypeError, ValueError):
+      raise UserError(f"{field}: boundaries_and_scales must map int steps to numbers, "
+                      f"got {kwargs['boundaries_and_scales']!r}") from None
   if kind in _SCHEDULE_ALIASES:
     fn_name, renames = _SCHEDULE_ALIASES[kind]
     kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
@@ -166,9 +173,22 @@ class Objective:
     Each term's per-example loss is averaged over ``batch["mask"]``, weighted by
     its schedule at ``inputs.step``, and summed.
     """
+    weighted, metrics, new_states = self.term_losses(connectors, inputs, states)
+    total = jnp.zeros((), jnp.float32)
+    for value in weighted.values():
+      total = total + value
+    return total, metrics, new_states
+
+  def term_losses(self, connectors: Mapping[str, Any], inputs: StepInputs, states: Mapping[str, Any]
+                  ) -> tuple[dict[str, jax.Array], dict[str, tuple[jax.Array, jax.Array]], dict[str, Any]]:
+    """As ``__call__`` but with each term's weighted loss by name (they sum to the total).
+
+    The train step differentiates them separately for the ``grad_norm/<term>`` metrics.
+    """
     mask = inputs.batch["mask"].astype(jnp.float32)
     count = jnp.sum(mask)
     total = jnp.zeros((), jnp.float32)
+    weighted: dict[str, jax.Array] = {}
     metrics: dict[str, tuple[jax.Array, jax.Array]] = {}
     new_states = dict(states)
     keys = jax.random.split(inputs.key, max(len(self.terms), 1))
@@ -181,11 +201,12 @@ class Objective:
       per_example = per_example.reshape(per_example.shape[0], -1).mean(axis=1)
       loss_sum = jnp.sum(per_example * mask)
       weight = term.weight(inputs.step)
-      total = total + weight * loss_sum / jnp.maximum(count, 1.0)
+      weighted[term.name] = weight * loss_sum / jnp.maximum(count, 1.0)
+      total = total + weighted[term.name]
       metrics[f"{term.group}/{term.name}"] = (loss_sum, count)
       metrics[f"weight/{term.name}"] = (weight, jnp.ones((), jnp.float32))
     metrics["loss"] = (total * count, count)
-    return total, metrics, new_states
+    return weighted, metrics, new_states
 
 
 def build(specs: Sequence[Mapping[str, Any]], shapes: Shapes, rngs: nnx.Rngs) -> Objective:
@@ -219,16 +240,22 @@ def build(specs: Sequence[Mapping[str, Any]], shapes: Shapes, rngs: nnx.Rngs) ->
 
 
 def _check_traces(fn: TermFn, connector: Any, state: Any, shapes: Shapes) -> None:
-  """Runs the term once on abstract inputs so shape and hyperparameter errors surface at start-up."""
+  """Runs the term once on abstract inputs so shape and hyperparameter errors surface at start-up.
+
+  The connector goes in split (``nnx.split``) and is merged inside the trace, so a call that
+  updates its batch statistics touches a throwaway copy, never the real module.
+  """
   batch_size = shapes.student.logits.shape[0]
   batch = {"label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
            "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
            "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+  graphdef, variables = nnx.split(connector) if connector is not None else (None, None)
 
-  def run(student, teachers, batch, state):
+  def run(student, teachers, batch, state, variables):
+    module = None if graphdef is None else nnx.merge(graphdef, variables)
     inputs = StepInputs(student, teachers, batch, jnp.zeros((), jnp.int32), jax.random.key(0))
-    return fn(connector, inputs, state)
+    return fn(module, inputs, state)
 
-  out, _ = jax.eval_shape(run, shapes.student, list(shapes.teachers), batch, state)
+  out, _ = jax.eval_shape(run, shapes.student, list(shapes.teachers), batch, state, variables)
   if out.ndim < 1 or out.shape[0] != batch_size:
     raise ValueError(f"the loss returned shape {out.shape}; expected per-example values [{batch_size}, ...]")

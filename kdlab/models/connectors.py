@@ -172,14 +172,14 @@ def _leaky(x: jax.Array) -> jax.Array:
 
 
 class _ConvStack(nnx.Module):
-  """3x3 same-size (transposed) convs, each followed by optional BN and LeakyReLU(0.1)."""
+  """3x3 same-size convs, each followed by optional BN and LeakyReLU(0.1)."""
 
-  def __init__(self, channels: Sequence[int], *, use_bn: bool, transpose: bool, rngs: nnx.Rngs):
+  def __init__(self, channels: Sequence[int], *, use_bn: bool, rngs: nnx.Rngs):
     pairs = list(zip(channels[:-1], channels[1:]))
-    if transpose:
-      self.convs = nnx.List([_conv_transpose(a, b, 3, stride=1, torch_padding=1, rngs=rngs) for a, b in pairs])
-    else:
-      self.convs = nnx.List([_conv(a, b, (3, 3), padding=1, rngs=rngs) for a, b in pairs])
+    # RepDistiller's decoder uses ConvTranspose2d(3, stride=1, padding=1): at stride 1 that is a
+    # 3x3 "same" convolution with a flipped kernel, the same function class, so a plain conv
+    # (much cheaper to compile on CPU) stands in for it.
+    self.convs = nnx.List([_conv(a, b, (3, 3), padding=1, rngs=rngs) for a, b in pairs])
     self.bns = nnx.List([layers.batch_norm(b, rngs=rngs) for _, b in pairs]) if use_bn else None
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -195,13 +195,13 @@ class Paraphraser(nnx.Module):
   """FT's teacher-side autoencoder (RepDistiller ``Paraphraser``, no BN).
 
   ``encode: [B, H, W, Ct] -> [B, H, W, int(rate * Ct)]`` (the factor) with three 3x3 convs;
-  ``decode`` mirrors it with transposed convs back to ``Ct`` channels.
+  ``decode`` mirrors it back to ``Ct`` channels.
   """
 
   def __init__(self, t_channels: int, *, rate: float = 0.5, rngs: nnx.Rngs):
     factor = max(1, int(t_channels * rate))
-    self.encoder = _ConvStack((t_channels, t_channels, factor, factor), use_bn=False, transpose=False, rngs=rngs)
-    self.decoder = _ConvStack((factor, factor, t_channels, t_channels), use_bn=False, transpose=True, rngs=rngs)
+    self.encoder = _ConvStack((t_channels, t_channels, factor, factor), use_bn=False, rngs=rngs)
+    self.decoder = _ConvStack((factor, factor, t_channels, t_channels), use_bn=False, rngs=rngs)
 
   def encode(self, x: jax.Array, *, train: bool) -> jax.Array:
     return self.encoder(x, train=train)
@@ -216,7 +216,7 @@ class Translator(nnx.Module):
 
   def __init__(self, s_channels: int, t_channels: int, *, rate: float = 0.5, rngs: nnx.Rngs):
     factor = max(1, int(t_channels * rate))
-    self.encoder = _ConvStack((s_channels, s_channels, factor, factor), use_bn=True, transpose=False, rngs=rngs)
+    self.encoder = _ConvStack((s_channels, s_channels, factor, factor), use_bn=True, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     return self.encoder(x, train=train)

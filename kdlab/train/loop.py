@@ -297,7 +297,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   state = _stack(states)
   start_step = int(states[0].step)
 
-  step_fn = make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay)
+  step_fn = make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay, term_grad_norms=bool(config.train.get("term_grad_norms", False)), connector_warmup_steps=config.get("connector_warmup_steps", 0))
   eval_fn = make_eval_step(graphdef, teachers, setup.train_source.num_classes)
   if n > 1:
     step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))

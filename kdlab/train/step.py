@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kdlab.errors import UserError
 from kdlab.objectives import ModelOutput, Objective, StepInputs
 from kdlab.train.state import TrainState
 
@@ -39,13 +40,28 @@ def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.A
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
                     teachers: Sequence[Teacher], ema_decay: Callable[[jax.Array], jax.Array] | None = None,
+                    *, term_grad_norms: bool = False, connector_warmup_steps: int = 0,
                     ) -> Callable[[TrainState, Sequence[Any], dict], tuple[TrainState, Metrics]]:
   """``step(state, teacher_variables, batch) -> (state, metrics)`` (not yet jitted).
 
   With ``ema_decay`` (``step -> decay``), the EMA of the learner's parameters
   in ``state.ema`` is the last teacher (named "ema") and is updated after the
   optimizer step: ``ema = decay * ema + (1 - decay) * params``.
+
+  With ``term_grad_norms`` (``config.train.term_grad_norms``), each term's weighted
+  loss is differentiated on its own and the L2 norm of its gradient w.r.t. the
+  student's parameters is logged as ``grad_norm/<term>`` (one extra backward pass
+  per term; the forward pass is shared).
+
+  During the first ``connector_warmup_steps`` steps (``config.connector_warmup_steps``)
+  only the connectors learn: the student's gradients and updates are zeroed, so its
+  parameters stay as they are (its batch statistics still move: it runs in train
+  mode). This is RepDistiller's initialisation stage for connectors (e.g. FT's
+  paraphraser); the optimizer's step count and schedules run on during it.
   """
+  if isinstance(connector_warmup_steps, bool) or not isinstance(connector_warmup_steps, int) \
+      or connector_warmup_steps < 0:
+    raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {connector_warmup_steps!r}")
 
   def step(state: TrainState, teacher_variables: Sequence[Any], batch: dict) -> tuple[TrainState, Metrics]:
     t_outs = run_teachers(teachers, teacher_variables, batch["image"])
@@ -54,18 +70,47 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
       t_outs.append(jax.lax.stop_gradient(ModelOutput(ema_logits, ema_feats)))
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 
-    def loss_fn(params):
+    def run(params, per_term: bool):
       learner = nnx.merge(graphdef, params, state.rest)
       logits, feats = learner.student(batch["image"], train=True)
       inputs = StepInputs(ModelOutput(logits, feats), t_outs, batch, state.step, key)
-      loss, metrics, term_states = objective(learner.connectors, inputs, state.term_states)
+      if per_term:
+        out, metrics, term_states = objective.term_losses(learner.connectors, inputs, state.term_states)
+      else:
+        out, metrics, term_states = objective(learner.connectors, inputs, state.term_states)
       _, _, rest = nnx.split(learner, nnx.Param, ...)
-      return loss, (metrics, term_states, nnx.to_pure_dict(rest), logits)
+      return out, (metrics, term_states, nnx.to_pure_dict(rest), logits)
 
-    (loss, (metrics, term_states, rest, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     ones = jnp.ones((), jnp.float32)
+    if term_grad_norms:
+      weighted, pullback, (metrics, term_states, rest, logits) = jax.vjp(lambda p: run(p, True), state.params,
+                                                                          has_aux=True)
+      names = list(weighted)
+      (grads,) = pullback({name: ones for name in names})
+
+      def term_grad_norm(row):
+        (term_grads,) = pullback(dict(zip(names, row)))
+        return optax.tree.norm(term_grads["student"])
+
+      # One backward pass per term, in sequence (one gradient in memory at a time, compiled once).
+      norms = jax.lax.map(term_grad_norm, jnp.eye(len(names), dtype=jnp.float32))
+      metrics = dict(metrics)
+      for i, name in enumerate(names):
+        metrics[f"grad_norm/{name}"] = (norms[i], ones)
+    else:
+      (_, (metrics, term_states, rest, logits)), grads = jax.value_and_grad(
+          lambda p: run(p, False), has_aux=True)(state.params)
+    warm = state.step < connector_warmup_steps
+
+    def freeze(tree):
+      return jax.tree.map(lambda x: jnp.where(warm, jnp.zeros_like(x), x), tree)
+
+    if connector_warmup_steps:
+      grads = {**grads, "student": freeze(grads["student"])}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if connector_warmup_steps:  # Weight decay would still move the student: zero its updates too.
+      updates = {**updates, "student": freeze(updates["student"])}
+    params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
     metrics["l2_grads"] = (optax.tree.norm(grads), ones)
     metrics["l2_params"] = (optax.tree.norm(params), ones)
