@@ -46,13 +46,15 @@ def mnist_mlp(variant: str, options: dict[str, str]) -> ml_collections.ConfigDic
   c.objective = [dict(loss="ce", weight=1.0)]
   c.ema_teacher = None  # e.g. dict(decay=0.999): a teacher named "ema", the EMA of the student.
   c.born_again = None   # e.g. dict(generations=3, ensemble=True): a born-again chain.
+  c.connector_warmup_steps = 0  # N > 0: the first N steps train only the connectors (student frozen).
   c.vmap_seeds = 0      # S > 1: train seeds seed..seed+S-1 in one vmapped step (outputs in WORKDIR/seed{k}).
   epochs = float(options.get("epochs", 60 if variant == "teacher" else 40))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1 if variant == "teacher" else 0.05, momentum=0.9, nesterov=False,
       weight_decay=0.0, schedule="cosine", warmup_epochs=0.0, boundaries_epochs=[], decay=0.1))
   c.train = ml_collections.ConfigDict(dict(
-      num_epochs=epochs, num_steps=0, log_every_steps=40, eval_every_epochs=5.0, checkpoint_every_epochs=5.0))
+      num_epochs=epochs, num_steps=0, log_every_steps=40, eval_every_epochs=5.0, checkpoint_every_epochs=5.0,
+      term_grad_norms=False))  # True: log grad_norm/<term> (one extra backward pass per term).
   c.wandb_project = "kdlab"
   if "quick" in options:
     c.data.batch_size = 40

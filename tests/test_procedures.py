@@ -126,3 +126,16 @@ def test_born_again_rejects_bad_generations(tmp_path):
   with pytest.raises(UserError, match="config.born_again.generations must be an integer >= 1"):
     train(config, tmp_path / "run", use_wandb=False, progress=False)
   assert not (tmp_path / "run").exists()
+
+
+def test_byot_exits_all_train_and_are_evaluated(tmp_path):
+  from kdlab.train.logging import read_metrics
+  config = load(f"{ROOT / 'configs' / 'byot_mnist.py'}:byot,{QUICK}")
+  train(config, tmp_path / "byot", use_wandb=False, progress=False)
+  lines = read_metrics(tmp_path / "byot")
+  train_lines = [l for l in lines if "loss" in l]
+  for term in ("task/ce", "task/ce_exit1", "task/ce_exit2"):
+    assert train_lines[-1][term] < 0.5 * train_lines[0][term], term
+  final = [l for l in lines if "test/accuracy" in l][-1]
+  for key in ("test/accuracy_exit1", "test/accuracy_exit2", "test/accuracy_exits_ensemble"):
+    assert final[key] > 0.5, key  # chance is 0.1

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdlab.ops import conv as conv_ops
+
 Initializer = jax.nn.initializers.Initializer
 
 # ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``; also what the
@@ -41,16 +43,25 @@ def torch_default_bias(fan_in: int) -> Initializer:
 
 def conv(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
          use_bias: bool = False, kernel_init: Initializer = kaiming_fan_out,
-         rngs: nnx.Rngs) -> nnx.Conv:
+         impl: str | None = None, rngs: nnx.Rngs) -> nnx.Conv:
   """Square convolution with PyTorch's symmetric ``kernel_size // 2`` padding.
 
   Explicit padding, not ``"SAME"``: for stride 2 on even sizes ``"SAME"`` pads
   only the bottom/right and would shift every strided feature map by a pixel.
+
+  ``impl``: "xla" (``lax.conv_general_dilated``) or "matmul" (the same forward,
+  weight gradient as matrix products: :mod:`kdlab.ops.conv`); ``None`` takes
+  :func:`kdlab.ops.conv.default_impl` (``KDLAB_CONV_IMPL``). Same parameters and
+  numerics either way.
   """
   pad = kernel_size // 2
+  impl = conv_ops.default_impl() if impl is None else impl
+  extra = {"conv_general_dilated": conv_ops.conv_general_dilated} if impl == "matmul" else {}
+  if impl not in conv_ops.IMPLS:
+    raise ValueError(f"impl={impl!r}: choose one of {', '.join(conv_ops.IMPLS)}")
   return nnx.Conv(in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
                   padding=((pad, pad), (pad, pad)), feature_group_count=groups,
-                  use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, rngs=rngs)
+                  use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, rngs=rngs, **extra)
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:

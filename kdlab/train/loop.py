@@ -132,6 +132,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   if total_steps <= 0:
     raise UserError("config.train.num_epochs (or num_steps) must be > 0")
   optim.make(config.optimizer, steps_per_epoch, total_steps)  # Validates the optimizer fields.
+  warmup = config.get("connector_warmup_steps", 0)
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {warmup!r}")
   learner = Learner(_create(student_kwargs, "config.model", config.seed), objective.connectors())
   return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
                steps_per_epoch, total_steps, ema_decay, shapes)
@@ -297,7 +300,9 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   state = _stack(states)
   start_step = int(states[0].step)
 
-  step_fn = make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay, term_grad_norms=bool(config.train.get("term_grad_norms", False)), connector_warmup_steps=config.get("connector_warmup_steps", 0))
+  step_fn = make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay,
+                            term_grad_norms=bool(config.train.get("term_grad_norms", False)),
+                            connector_warmup_steps=config.get("connector_warmup_steps", 0))
   eval_fn = make_eval_step(graphdef, teachers, setup.train_source.num_classes)
   if n > 1:
     step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))

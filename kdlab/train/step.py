@@ -136,14 +136,16 @@ def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], num_clas
 
   Metrics: ``test/accuracy``, ``test/ce``, per-class error counts
   ``test/errors_per_class`` (``[C]``), and against the first teacher
-  ``agreement/top1`` and ``test/kl_teacher`` (KL(p_t || p_s) at T = 1).
+  ``agreement/top1`` and ``test/kl_teacher`` (KL(p_t || p_s) at T = 1); for
+  models with auxiliary exits (feats ``exit{i}_logits``) ``test/accuracy_exit{i}``
+  and ``test/accuracy_exits_ensemble`` (mean of the exits' probabilities).
   ``logit_offset [C]`` is added to the student's logits (e.g. a bias correction).
   """
 
   def eval_step(state: TrainState, teacher_variables: Sequence[Any], batch: dict,
                 logit_offset: jax.Array) -> Metrics:
     learner = nnx.merge(graphdef, state.params, state.rest)
-    logits, _ = learner.student(batch["image"], train=False)
+    logits, feats = learner.student(batch["image"], train=False)
     logits = logits.astype(jnp.float32) + logit_offset
     mask = batch["mask"].astype(jnp.float32)
     count = jnp.sum(mask)
@@ -158,6 +160,15 @@ def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], num_clas
         "test/errors_per_class": (per_class, jnp.ones((), jnp.float32)),
         "test/ce": (jnp.sum(nll * mask), count),
     }
+    exits = sorted(k for k in feats if k.startswith("exit") and k.endswith("_logits"))
+    if exits:  # Models with auxiliary exits (BYOT): each exit's accuracy and the ensemble of all exits.
+      all_log_p = [jax.nn.log_softmax(feats[k].astype(jnp.float32)) for k in exits] + [log_p]
+      for k, exit_log_p in zip(exits, all_log_p):
+        right = (jnp.argmax(exit_log_p, -1) == batch["label"]).astype(jnp.float32)
+        metrics[f"test/accuracy_{k.removesuffix('_logits')}"] = (jnp.sum(right * mask), count)
+      ensemble = jax.nn.logsumexp(jnp.stack(all_log_p), axis=0)
+      right = (jnp.argmax(ensemble, -1) == batch["label"]).astype(jnp.float32)
+      metrics["test/accuracy_exits_ensemble"] = (jnp.sum(right * mask), count)
     if teachers:
       t_logits = run_teachers(teachers[:1], teacher_variables[:1], batch["image"])[0].logits.astype(jnp.float32)
       log_q = jax.nn.log_softmax(t_logits)

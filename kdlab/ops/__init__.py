@@ -1,0 +1,1 @@
+"""Array operations kdlab implements itself (where XLA's own lowering is slow)."""
