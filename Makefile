@@ -13,7 +13,7 @@ demo: install
 	$(PY) paper_repro/hinton2015/run.py --source mnist5k --workdir runs/hinton2015
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs
