@@ -27,14 +27,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
   file = pathlib.Path(path)
   if not file.is_file():
     raise UserError(f"--config: no config file {path!r}; pass e.g. --config=configs/hinton_mnist.py:kd")
-  module_spec = importlib.util.spec_from_file_location(f"kdlab_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  # Config files import shared pieces from their own folder (configs/common.py).
-  sys.path.insert(0, str(file.parent.absolute()))
-  try:
-    module_spec.loader.exec_module(module)
-  finally:
-    sys.path.remove(str(file.parent.absolute()))
+  module = load_python_file(file, "kdlab_config")
   if not hasattr(module, "get_config"):
     raise UserError(f"--config: {path} defines no get_config(arg)")
   try:
@@ -44,6 +37,19 @@ def load(spec: str) -> ml_collections.ConfigDict:
   except (ValueError, KeyError) as e:
     raise UserError(f"--config={spec}: {e}") from None
   return ml_collections.ConfigDict(config) if isinstance(config, dict) else config
+
+
+def load_python_file(file: pathlib.Path, prefix: str) -> Any:
+  """Executes a config or sweep file as a module; its folder is importable meanwhile (configs/common.py)."""
+  module_spec = importlib.util.spec_from_file_location(f"{prefix}_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  folder = str(file.parent.absolute())
+  sys.path.insert(0, folder)
+  try:
+    module_spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(folder)
+  return module
 
 
 def parse_path(path: str) -> list[str | int]:

@@ -31,7 +31,6 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
-import importlib.util
 import io
 import itertools
 import json
@@ -197,9 +196,7 @@ def load_sweep_file(spec: str) -> dict[str, Any]:
   file = pathlib.Path(path)
   if not file.is_file():
     raise UserError(f"--sweep: no sweep file {path!r}; pass e.g. --sweep=experiments/temperature_alpha.py")
-  module_spec = importlib.util.spec_from_file_location(f"kdlab_sweep_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = kconfig.load_python_file(file, "kdlab_sweep")
   if not hasattr(module, "get_sweep"):
     raise UserError(f"--sweep={spec}: defines no get_sweep()")
   try:
