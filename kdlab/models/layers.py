@@ -49,19 +49,17 @@ def conv(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: 
   Explicit padding, not ``"SAME"``: for stride 2 on even sizes ``"SAME"`` pads
   only the bottom/right and would shift every strided feature map by a pixel.
 
-  ``impl``: "xla" (``lax.conv_general_dilated``) or "matmul" (the same forward,
-  weight gradient as matrix products: :mod:`kdlab.ops.conv`); ``None`` takes
-  :func:`kdlab.ops.conv.default_impl` (``KDLAB_CONV_IMPL``). Same parameters and
-  numerics either way.
+  ``impl``: how the weight gradient is computed, "xla", "matmul" or "auto" (see
+  :func:`kdlab.ops.conv.conv_function`); ``None`` takes
+  :func:`kdlab.ops.conv.default_impl` (``KDLAB_CONV_IMPL``). The parameters, the
+  forward pass and the gradients' values are the same for all.
   """
   pad = kernel_size // 2
   impl = conv_ops.default_impl() if impl is None else impl
-  extra = {"conv_general_dilated": conv_ops.conv_general_dilated} if impl == "matmul" else {}
-  if impl not in conv_ops.IMPLS:
-    raise ValueError(f"impl={impl!r}: choose one of {', '.join(conv_ops.IMPLS)}")
   return nnx.Conv(in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
                   padding=((pad, pad), (pad, pad)), feature_group_count=groups,
-                  use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, rngs=rngs, **extra)
+                  use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, rngs=rngs,
+                  conv_general_dilated=conv_ops.conv_function(impl, (kernel_size, kernel_size), in_ch, groups))
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("xla", "matmul")
+IMPLS = ("xla", "matmul", "auto")
 ENV_VAR = "KDLAB_CONV_IMPL"
 # Per backend, chosen by benchmarks/kd_step.py (see benchmarks/README.md); others get "xla".
 DEFAULT_IMPL = {"cpu": "xla"}
@@ -54,12 +54,27 @@ def default_impl() -> str:
 
 @contextlib.contextmanager
 def use_impl(impl: str) -> Iterator[None]:
-  """Models built inside use convolution ``impl`` ("xla" or "matmul") unless ``KDLAB_CONV_IMPL`` is set."""
+  """Models built inside use convolution ``impl`` (see :func:`conv_function`) unless ``KDLAB_CONV_IMPL`` is set."""
   _override.append(_check_impl(impl, "impl"))
   try:
     yield
   finally:
     _override.pop()
+
+
+def conv_function(impl: str, kernel_size: Sequence[int], in_features: int, groups: int = 1) -> Any:
+  """The ``conv_general_dilated`` a conv layer of this shape calls under ``impl``.
+
+  "xla": ``lax.conv_general_dilated``. "matmul": :func:`conv_general_dilated` (matmul weight
+  gradient). "auto": the matmul weight gradient only where it measured faster than XLA:CPU's
+  (ungrouped 1x1 kernels, and ungrouped kernels over at most 4 input channels such as an RGB
+  stem), XLA's elsewhere.
+  """
+  _check_impl(impl, "impl")
+  small = all(k == 1 for k in kernel_size) or in_features <= 4
+  if impl == "matmul" or (impl == "auto" and groups == 1 and small):
+    return conv_general_dilated
+  return lax.conv_general_dilated
 
 
 def _check_impl(impl: str, field: str) -> str:
@@ -161,7 +176,9 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
     for j in range(kw):
       x_ij = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, xp.shape[3]),
                        (1, sh, sw, 1)).reshape(m, groups, cin_g)
-      # [G, C_in/G, C_out/G]: contract over the m = N * H' * W' output pixels, per group.
-      g = lax.dot_general(x_ij, dy_t, (((0,), (0,)), ((1,), (1,))), precision=precision)
-      taps.append(jnp.transpose(g, (1, 0, 2)).reshape(cin_g, cout))
+      if groups == 1:  # [C_in, C_out]: contract over the m = N * H' * W' output pixels.
+        taps.append(lax.dot_general(x_ij[:, 0], dy_t[:, 0], (((0,), (0,)), ((), ())), precision=precision))
+      else:  # [G, C_in/G, C_out/G], the same per group.
+        g = lax.dot_general(x_ij, dy_t, (((0,), (0,)), ((1,), (1,))), precision=precision)
+        taps.append(jnp.transpose(g, (1, 0, 2)).reshape(cin_g, cout))
   return jnp.stack(taps).reshape(kh, kw, cin_g, cout).astype(x.dtype)
