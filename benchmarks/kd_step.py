@@ -18,14 +18,18 @@ jitted with the state donated as ``kdlab.train.loop`` does. The teacher forward 
 teacher are replaced, by one fixed random batch and a freshly initialised teacher (timing does
 not depend on the values).
 
-The PyTorch side (benchmarks/torch_kd_step.py) runs in a subprocess under ``--torch-python``,
-since torch lives in its own venv; both sides use 2 threads (``torch.set_num_threads(2)``; XLA
-uses the machine's cores, 2 here). After warm-up the two sides take turns, ``--iters`` steps per
-turn for ``--rounds`` rounds, so a change in the machine's load hits both alike; the table gives
-medians over all timed steps.
+Each side runs in its own worker process: kdlab's is this file with ``--worker`` (its own
+``XLA_FLAGS`` and ``KDLAB_CONV_IMPL``), PyTorch's is benchmarks/torch_kd_step.py ``--serve``
+under ``--torch-python``, since torch lives in its own venv. Both use 2 threads
+(``torch.set_num_threads(2)``; XLA uses the machine's cores, 2 here). After warm-up the workers
+take turns, ``--iters`` steps per turn for ``--rounds`` rounds, so a change in the machine's load
+hits all of them alike; the table gives medians over all timed steps.
 
-``--conv-impl xla,matmul`` times kdlab once per convolution implementation (see
-``kdlab/ops/conv.py``; the default is ``KDLAB_CONV_IMPL`` or the platform's default).
+  --conv-impl xla,auto,matmul      one kdlab worker per convolution implementation (kdlab/ops/conv.py)
+  --variant 'LABEL|XLA_FLAGS=...'  one more kdlab worker with these environment variables
+                                   (KD_STEP_DONATE=0: without donating the train state)
+
+Without either, one kdlab worker runs with the environment as it is.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from kdlab.train.step import Teacher, make_train_step, run_teachers
 
 HERE = pathlib.Path(__file__).resolve().parent
 TEACHER, STUDENT, NUM_CLASSES = "resnet32x4", "resnet8x4", 100
+DONATE_VAR = "KD_STEP_DONATE"  # "0" in a --variant's environment: that kdlab worker does not donate the state.
 TEACHER_FORWARD_GFLOP, STUDENT_STEP_GFLOP = 138.6, 67.9  # PyTorch's flop counter (shared/NOTES.md).
 
 
@@ -192,10 +197,9 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
   parser.add_argument("--conv-impl", default=None,
-                      help="comma-separated kdlab conv impls to time, one kdlab worker each (xla, matmul)")
+                      help="comma-separated kdlab conv impls to time, one kdlab worker each (xla, matmul, auto)")
   parser.add_argument("--variant", action="append", default=[], metavar="LABEL|VAR=VALUE|...",
                       help="an extra kdlab worker with these environment variables (e.g. XLA_FLAGS=...)")
-  parser.add_argument("--no-donate", action="store_true", help="kdlab: do not donate the train state")
   parser.add_argument("--torch-channels-last", action="store_true")
   parser.add_argument("--peak-gflops", type=float, default=134.0, help="machine fp32 matmul peak (shared/NOTES.md)")
   parser.add_argument("--json", default=None, help="also write the raw times here")
@@ -203,20 +207,21 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.worker:
-    bench = KdlabBench(args.batch_size, conv_ops.default_impl(), donate=not args.no_donate)
+    donate = os.environ.get(DONATE_VAR, "1") != "0"
+    bench = KdlabBench(args.batch_size, conv_ops.default_impl(), donate=donate)
     serve(bench, {"jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "?",
                   "conv_impl": bench.conv_impl, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                  "backend": jax.default_backend(), "devices": jax.device_count()})
+                  "donate": donate, "backend": jax.default_backend(), "devices": jax.device_count()})
     return
 
   kdlab_cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker",
-               "--batch-size", str(args.batch_size)] + (["--no-donate"] if args.no_donate else [])
+               "--batch-size", str(args.batch_size)]
   variants = []
   if args.conv_impl:
     variants += [(f"kdlab ({impl} conv)", {conv_ops.ENV_VAR: impl}) for impl in args.conv_impl.split(",")]
   variants += [parse_variant(v) for v in args.variant]
   if not variants:
-    variants = [("kdlab", {})]
+    variants = [(f"kdlab ({conv_ops.default_impl()} conv, default)", {})]
   sides: dict[str, Worker] = {label: Worker(kdlab_cmd, env) for label, env in variants}
   if args.torch_python:
     sides["PyTorch eager"] = Worker([args.torch_python, str(HERE / "torch_kd_step.py"), "--serve",

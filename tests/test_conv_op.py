@@ -107,10 +107,9 @@ def _grads(impl: str):
   return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(params)), nnx.to_pure_dict(params)
 
 
-@pytest.mark.parametrize("impl", ["matmul", "auto"])
-def test_zoo_model_gradients_equal_with_matmul_conv(monkeypatch, impl):
+def test_zoo_model_gradients_equal_with_matmul_conv(monkeypatch):
   monkeypatch.delenv(conv_ops.ENV_VAR, raising=False)
-  (loss, grads), params = _grads(impl)
+  (loss, grads), params = _grads("matmul")  # Every conv through the custom VJP ("auto" uses a subset).
   (loss_ref, grads_ref), params_ref = _grads("xla")
   # Same parameter names, shapes and initial values: checkpoints are interchangeable.
   assert jax.tree.structure(params) == jax.tree.structure(params_ref)

@@ -10,14 +10,27 @@ transpose). The weight gradient is a sum over kernel taps: with ``x_p`` the padd
 
   dL/dw[i, j] = x_ij.reshape(-1, C_in)^T @ dy.reshape(-1, C_out)        ([C_in, C_out])
 
-(per group for grouped convs). That is the same sum as XLA's, in another order: results agree to
-float32 rounding (tests/test_conv_op.py). XLA:CPU lowers the weight gradient as a convolution
-whose "kernel" is the whole output map, which is slow; as matrix products it runs at matmul speed.
+(per group for grouped convs). That is the same sum as XLA's in another order: results agree to
+float32 rounding (tests/test_conv_op.py).
 
-Which implementation the zoo's convolutions use (``kdlab.models.layers.conv``):
-``KDLAB_CONV_IMPL=xla|matmul`` in the environment, else :func:`use_impl` around model
-construction, else :data:`DEFAULT_IMPL` for the platform. The choice is fixed when a model is
-built; parameters and numerics are the same either way, so checkpoints move freely between them.
+XLA:CPU lowers a weight gradient as a convolution whose "kernel" is the whole output map, after
+transposing both operands. On jax 0.12 (YNNPACK kernels) that is 3-12x slower than the matrix
+products for 1x1 kernels and for kernels over a few input channels (an RGB stem), but faster
+than them for 3x3 kernels over 32+ channels, where the taps' shifted copies of the input cost
+more than they save (benchmarks/README.md, "KD step"). Hence three implementations:
+
+  "xla"     ``lax.conv_general_dilated`` everywhere.
+  "matmul"  the custom VJP everywhere.
+  "auto"    the custom VJP for ungrouped 1x1 kernels and kernels over <= 4 input channels,
+            XLA elsewhere. Opt-in: its KD-step gain was within the noise of our measurements
+            (student step 1-10% faster), and it gives up forward-mode differentiation.
+
+Which one the zoo's convolutions use (``kdlab.models.layers.conv``): ``KDLAB_CONV_IMPL`` in the
+environment, else :func:`use_impl` around model construction, else :data:`DEFAULT_IMPL` for the
+platform. The choice is fixed when a model is built; parameters and numerics are the same
+either way, so checkpoints move freely between them. A ``custom_vjp`` has no forward-mode
+derivative: for ``jax.jvp``/``jax.jacfwd`` through a zoo model, build it with
+``KDLAB_CONV_IMPL=xla``.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from jax import lax
 
 IMPLS = ("xla", "matmul", "auto")
 ENV_VAR = "KDLAB_CONV_IMPL"
-# Per backend, chosen by benchmarks/kd_step.py (see benchmarks/README.md); others get "xla".
+# Per backend, measured with benchmarks/kd_step.py (benchmarks/README.md); other backends get "xla".
 DEFAULT_IMPL = {"cpu": "xla"}
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _override: list[str] = []
