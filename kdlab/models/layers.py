@@ -93,6 +93,16 @@ class ConvBN(nnx.Module):
     return self.bn(self.conv(x), use_running_average=not train)
 
 
+def run_stages(h: jax.Array, stages: Any, feats: dict[str, jax.Array], *, train: bool) -> jax.Array:
+  """Runs stages of blocks ``block(h, train) -> (h, preact)``, recording ``stage{i}`` and ``stage{i}_preact``."""
+  for i, stage in enumerate(stages, start=1):
+    for block in stage:
+      h, preact = block(h, train=train)
+    feats[f"stage{i}_preact"] = preact
+    feats[f"stage{i}"] = h
+  return h
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """``[N, H, W, C] -> [N, C]``.
 

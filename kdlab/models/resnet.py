@@ -109,11 +109,7 @@ class ResNet(nnx.Module):
     feats = {}
     h = nnx.relu(self.stem(x, train=train))
     feats["stem"] = h
-    for i, stage in enumerate(self.stages, start=1):
-      for block in stage:
-        h, preact = block(h, train=train)
-      feats[f"stage{i}_preact"] = preact
-      feats[f"stage{i}"] = h
+    h = layers.run_stages(h, self.stages, feats, train=train)
     h = layers.global_avg_pool(h)
     feats["pool"] = h
     return self.fc(h), feats

@@ -97,11 +97,7 @@ class ShuffleNetV1(nnx.Module):
     """``[N, H, W, 3] -> ([N, num_classes], feats)``."""
     h = nnx.relu(self.stem(x, train=train))
     feats = {"stem": h}
-    for i, stage in enumerate(self.stages, start=1):
-      for block in stage:
-        h, preact = block(h, train=train)
-      feats[f"stage{i}_preact"] = preact
-      feats[f"stage{i}"] = h
+    h = layers.run_stages(h, self.stages, feats, train=train)
     h = layers.global_avg_pool(h)
     feats["pool"] = h
     return self.fc(h), feats
