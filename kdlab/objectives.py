@@ -30,9 +30,15 @@ from kdlab.errors import UserError
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:
-  """What a model returned: ``logits [B, C]`` (or ``[B, L, V]``) and named ``feats``."""
+  """What a model returned: ``logits [B, C]`` (or ``[B, L, V]``) and named ``feats``.
+
+  ``unembedding`` is the model's ``[D, V]`` output matrix for models that have one
+  (``logits = feats["final"] @ unembedding``, e.g. ``gpt``), else None; fused token
+  distillation (``impl="fused"``) reads it instead of the logits.
+  """
   logits: jax.Array
   feats: Mapping[str, jax.Array]
+  unembedding: jax.Array | None = None
 
   def tap(self, name: str) -> jax.Array:
     return self.logits if name == "logits" else self.feats[name]
@@ -45,7 +51,8 @@ class StepInputs:
   Attributes:
     student: the student's outputs.
     teachers: each teacher's outputs (already under ``stop_gradient``).
-    batch: the batch (``label``, ``index``, ``mask``, ...).
+    batch: the batch (images: ``label``, ``index``, ``mask``; text: ``targets``, ``token_mask``,
+      ``index``, ``mask``; see :mod:`kdlab.data.pipeline`).
     step: the optimizer step (scalar int).
     key: a PRNG key for stochastic terms (e.g. CRD negatives).
   """
@@ -82,11 +89,16 @@ class Term:
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-  """Abstract (``jax.ShapeDtypeStruct``) outputs of the models, seen by term builders."""
+  """Abstract (``jax.ShapeDtypeStruct``) outputs of the models, seen by term builders.
+
+  ``batch`` is the abstract train batch (every key a term may read); None means an
+  image-classification batch (``label``, ``index``, ``mask``) of the student's batch size.
+  """
   student: ModelOutput
   teachers: Sequence[ModelOutput]
   teacher_names: Sequence[str]
   num_examples: int
+  batch: Mapping[str, Any] | None = None
 
 
 # Builder: (spec without "loss"/"weight"/"name", shapes, rngs, where) -> (fn, connector, state).
@@ -246,9 +258,10 @@ def _check_traces(fn: TermFn, connector: Any, state: Any, shapes: Shapes) -> Non
   updates its batch statistics touches a throwaway copy, never the real module.
   """
   batch_size = shapes.student.logits.shape[0]
-  batch = {"label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-           "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-           "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+  batch = dict(shapes.batch) if shapes.batch is not None else {
+      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+      "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+      "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
   graphdef, variables = nnx.split(connector) if connector is not None else (None, None)
 
   def run(student, teachers, batch, state, variables):

@@ -179,7 +179,8 @@ def plot_comparison(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Pat
 def _sweep_report(workdir: pathlib.Path) -> pathlib.Path:
   sweep, table = ksweep.aggregate(workdir)
   done = sum(ksweep.finished(workdir, r) for r in sweep.runs())
-  lines = [f"# Sweep `{sweep.name}`", "", ksweep.describe(sweep), "",
+  # Language-model sweeps get the table; the plots below are of test accuracy (classification).
+  lines = [f"# Sweep `{sweep.name}`", "", ksweep.describe(sweep, ksweep.sweep_is_lm(workdir, sweep)), "",
            f"{done} of {len(sweep.runs())} runs finished ({len(sweep.settings)} settings x seeds {sweep.seeds}). "
            f"Per run: `results.csv`.", "", table, ""]
   best = _best(workdir, sweep)
@@ -213,6 +214,9 @@ def _best(workdir: pathlib.Path, sweep: ksweep.Sweep) -> str:
 def _run_report(workdir: pathlib.Path) -> pathlib.Path:
   metrics = read_metrics(workdir)
   evals = [m for m in metrics if "test/accuracy" in m]
+  # Language-model runs evaluate validation loss (nats per token) instead of test accuracy.
+  key, scale, label = ("test/accuracy", 100, "test accuracy (%)") if evals else ("val/loss", 1, "val loss (nats/token)")
+  evals = evals or [m for m in metrics if "val/loss" in m]
   train = [m for m in metrics if "loss" in m]
   # A sweep's run is SETTING/seed=N: its name alone says little.
   name = f"{workdir.parent.name}/{workdir.name}" if workdir.name.startswith("seed=") else workdir.name
@@ -228,16 +232,17 @@ def _run_report(workdir: pathlib.Path) -> pathlib.Path:
     summary = json.loads(summary_path.read_text())
     lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(k, v)} |" for k, v in summary.items()]
-    lines += ["", "Last epoch = the final model; best epoch = the highest test accuracy among the periodic "
-              "evaluations (selected on the test set, so optimistic).", ""]
+    lines += ["", "Last epoch = the final model; best epoch = the best of the periodic evaluations (highest "
+              "test accuracy, or lowest validation loss for language models; selected on the evaluated split "
+              "itself, so optimistic).", ""]
   else:
     lines += ["Not finished (no `summary.json`): the curves show the evaluations so far.", ""]
   if evals or train:
     fig = _figure(10.0, 3.6)
     ax_acc, ax_loss = fig.subplots(1, 2)
     if evals:
-      ax_acc.plot([m["epoch"] for m in evals], [100 * m["test/accuracy"] for m in evals], marker="o", ms=3)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+      ax_acc.plot([m["epoch"] for m in evals], [scale * m[key] for m in evals], marker="o", ms=3)
+    ax_acc.set(xlabel="epoch", ylabel=label, title=label.split(" (")[0])
     if train:
       ax_loss.plot([m["epoch"] for m in train], [m["loss"] for m in train], label="loss")
       for key in sorted({k for m in train for k in m if k.startswith(("task/", "distill/"))}):

@@ -54,6 +54,9 @@ DISTRIBUTIONS = ("uniform", "loguniform")
 # summary.json fields in the order results.csv lists them; unknown fields follow, sorted.
 SUMMARY_FIELDS = ("steps", "test_accuracy", "best_test_accuracy", "test_errors", "test_examples", "test_ce",
                   "agreement_top1", "kl_teacher", "wall_time_s", "steps_per_s", "test_errors_per_class")
+# The same for language-model runs (kdlab.train.tasks.LanguageModel's summary).
+LM_SUMMARY_FIELDS = ("steps", "val_loss", "best_val_loss", "val_ppl", "best_val_ppl", "val_accuracy", "kl_teacher",
+                     "agreement_top1", "teacher_val_loss", "val_tokens", "wall_time_s", "steps_per_s")
 _MAX_NAME = 200  # Characters of a setting's directory name; longer names get a hash suffix.
 
 
@@ -570,8 +573,18 @@ def _to_stderr(*args) -> None:
   print(*args, file=sys.stderr, flush=True)
 
 
+def is_lm(summary: dict[str, Any]) -> bool:
+  """Whether a run's summary is a language model's (validation loss instead of test accuracy)."""
+  return "val_loss" in summary and "test_accuracy" not in summary
+
+
 def _result_line(workdir: pathlib.Path, run: Run) -> str:
   s = read_summary(workdir, run)
+  if is_lm(s):
+    kl = s.get("kl_teacher")
+    return (f"val loss {s['val_loss']:.4f} (best {s.get('best_val_loss', float('nan')):.4f}), ppl "
+            f"{s.get('val_ppl', float('nan')):.3f}" + (f", KL(teacher, student) {kl:.4f}" if kl is not None else "")
+            + f", {s.get('wall_time_s', 0):.0f} s")
   return (f"test accuracy {s['test_accuracy']:.4f} (best epoch {s.get('best_test_accuracy', float('nan')):.4f}), "
           f"{s.get('test_errors')} errors of {s.get('test_examples')}, {s.get('wall_time_s', 0):.0f} s")
 
@@ -691,8 +704,9 @@ def results_csv(workdir: pathlib.Path, sweep: Sweep) -> str:
   rows = []
   for run in sweep.runs():
     rows.append((run, read_summary(workdir, run) or {}))
-  extra = sorted({k for _, s in rows for k in s} - set(SUMMARY_FIELDS))
-  fields = [*SUMMARY_FIELDS, *extra]
+  known = LM_SUMMARY_FIELDS if any(is_lm(s) for _, s in rows) else SUMMARY_FIELDS
+  extra = sorted({k for _, s in rows for k in s} - set(known))
+  fields = [*known, *extra]
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(["run", "setting", *sweep.paths, "seed", "finished", *fields])
@@ -714,26 +728,59 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> st
 
 
 def stats(workdir: pathlib.Path, sweep: Sweep) -> list[dict[str, Any]]:
-  """Per setting: its seeds' last-epoch and best-epoch test accuracies and the other final metrics."""
+  """Per setting: its seeds' last-epoch and best-epoch test accuracies and the other final metrics.
+
+  Language-model runs have no test accuracy (an empty list): their ``val_loss``, ``best_val_loss``,
+  ``val_ppl`` and ``val_accuracy`` lists are given instead.
+  """
   by_setting = summaries(workdir, sweep)
   out = []
   for setting in sweep.settings:
     runs = [s for _, s in by_setting[setting.name]]
-    out.append({
+    row = {
         "setting": setting, "seeds": [seed for seed, _ in by_setting[setting.name]],
-        "test_accuracy": [s["test_accuracy"] for s in runs],
+        "test_accuracy": [s["test_accuracy"] for s in runs if "test_accuracy" in s],
         "best_test_accuracy": [s.get("best_test_accuracy") for s in runs],
         "test_errors": [s.get("test_errors") for s in runs],
         "test_examples": runs[0].get("test_examples") if runs else None,
         "agreement_top1": [s.get("agreement_top1") for s in runs],
         "kl_teacher": [s.get("kl_teacher") for s in runs],
-    })
+    }
+    if any(is_lm(s) for s in runs):
+      row.update({k: [s.get(k) for s in runs] for k in ("val_loss", "best_val_loss", "val_ppl", "val_accuracy")})
+    out.append(row)
   return out
 
 
+def sweep_is_lm(workdir: pathlib.Path, sweep: Sweep) -> bool:
+  """Whether the sweep's finished runs are language models."""
+  return any("val_loss" in r for r in stats(workdir, sweep))
+
+
+def _lm_table(rows: list[dict[str, Any]], sweep: Sweep) -> str:
+  means = [np.mean(r["val_loss"]) if r.get("val_loss") else math.inf for r in rows]
+  best = int(np.argmin(means)) if min(means, default=math.inf) < math.inf else -1
+  header = ([] if sweep.axes else ["setting"]) + [sweep.labels.get(p, p) for p in sweep.paths] + [
+      "last val loss (nats/token)", "best val loss", "val ppl", "val token acc (%)", "KL(teacher, student)",
+      "agreement top-1 (%)", "seeds"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for i, r in enumerate(rows):
+    setting = r["setting"]
+    last = mean_std(r.get("val_loss", []), digits=4)
+    cells = ([setting.name] if not sweep.axes else []) + [format_value(setting.values[p]) for p in sweep.paths] + [
+        f"**{last}**" if i == best and len(rows) > 1 else last, mean_std(r.get("best_val_loss", []), digits=4),
+        mean_std(r.get("val_ppl", []), digits=3), mean_std(r.get("val_accuracy", []), 100),
+        mean_std(r["kl_teacher"], digits=4), mean_std(r["agreement_top1"], 100), str(len(r["seeds"]))]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def results_table(workdir: pathlib.Path, sweep: Sweep) -> str:
-  """The markdown table of results.md: one row per setting, the best last-epoch mean in bold."""
+  """The markdown table of results.md: one row per setting, the best last-epoch mean in bold
+  (accuracy for classification; the lowest validation loss for language models)."""
   rows = stats(workdir, sweep)
+  if any("val_loss" in r for r in rows):
+    return _lm_table(rows, sweep)
   examples = next((r["test_examples"] for r in rows if r["test_examples"]), None)
   means = [np.mean(r["test_accuracy"]) if r["test_accuracy"] else -1.0 for r in rows]
   best = int(np.argmax(means)) if max(means, default=-1.0) >= 0 else -1
@@ -754,10 +801,16 @@ def results_table(workdir: pathlib.Path, sweep: Sweep) -> str:
   return "\n".join(lines)
 
 
-def describe(sweep: Sweep) -> str:
-  """The command and protocol lines above a results table."""
+def describe(sweep: Sweep, lm: bool = False) -> str:
+  """The command and protocol lines above a results table (``lm``: of language-model runs)."""
   cmd = sweep.command
   overrides = " ".join(cmd["overrides"])
+  if lm:
+    return (f"`kdlab sweep --config={cmd['config']} --sweep={cmd['sweep']}{' ' + overrides if overrides else ''}`"
+            f"\n\nMean +/- sample standard deviation over seeds {sweep.seeds}. Per-token metrics on the validation "
+            f"split of the model at the end of training; **best val loss** is the lowest among the periodic "
+            f"evaluations (selected on the validation split itself). KL and agreement are against "
+            f"config.teachers[0]. Bold: the best setting by mean last validation loss.")
   return (f"`kdlab sweep --config={cmd['config']} --sweep={cmd['sweep']}{' ' + overrides if overrides else ''}`\n\n"
           f"Mean +/- sample standard deviation over seeds {sweep.seeds}. **Last epoch** is the model at the end "
           f"of training, the number to report. **Best epoch** is the highest test accuracy among the periodic "
@@ -772,7 +825,8 @@ def aggregate(workdir: str | pathlib.Path) -> tuple[Sweep, str]:
   (workdir / "results.csv").write_text(results_csv(workdir, sweep))
   done = sum(finished(workdir, r) for r in sweep.runs())
   table = results_table(workdir, sweep)
-  md = (f"# Sweep `{sweep.name}`\n\n{describe(sweep)}\n\n{done} of {len(sweep.runs())} runs finished; "
+  md = (f"# Sweep `{sweep.name}`\n\n{describe(sweep, sweep_is_lm(workdir, sweep))}\n\n{done} of "
+        f"{len(sweep.runs())} runs finished; "
         f"one row per run in `results.csv`.\n\n{table}\n")
   (workdir / "results.md").write_text(md)
   return sweep, table

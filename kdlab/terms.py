@@ -8,7 +8,21 @@ Common options of a term spec:
   * ``from_teacher``: which teacher (index into ``config.teachers`` or its name; default 0).
   * connector options where a term has one: ``feat_dim`` (embedding heads of crd, info_nce, cc),
     ``init_var`` (vid), ``rate`` and ``reconstruction_weight`` (ft).
+  * ``pool=True`` (at, nst, ft): maps whose resolutions differ by integer factors are compared
+    after average-pooling the larger to the smaller (RepDistiller; vid always does this).
 Any other key is the loss function's keyword hyperparameter.
+
+Token logits (language models, ``[B, L, V]``, text batches): ``ce`` compares with
+``batch["targets"]`` and the logit terms with the teacher's logits position by position; each
+per-token loss is averaged over the sequence's real tokens (``batch["token_mask"]``), giving one
+loss per sequence (:mod:`kdlab.losses.sequence`). ``kd``, ``reverse_kl``, ``jsd`` and ``tvd`` take
+``impl="plain" | "chunked" | "fused"`` (and ``chunk_size``, tokens per chunk): ``chunked`` never
+holds more than one chunk of ``[tokens, V]`` probabilities; ``fused`` computes the logits chunk by
+chunk from ``feats["final"]`` and each model's unembedding (``ModelOutput.unembedding``) inside
+the loss (same value; the models' own logits are still computed for the other terms and metrics).
+The logit terms also take ``length_normalize=False``: the sum over the sequence's tokens instead
+of their mean (the per-sequence loss scales with the generated length; MiniLLM's option).
+``attention_kl`` / ``value_relation`` (MiniLM) average over the query positions with a real target.
 
 Connectors (:mod:`kdlab.models.connectors`) are built here from the tap shapes and called with
 ``train=True`` inside the train step; a term whose taps they cannot connect fails at start-up
@@ -26,6 +40,7 @@ import jax.numpy as jnp
 
 from kdlab import losses
 from kdlab.errors import UserError
+from kdlab.losses import sequence
 from kdlab.losses.ensembles import METHODS as COMBINE_METHODS
 from kdlab.models import connectors
 from kdlab.objectives import Shapes, StepInputs, register_term
@@ -77,16 +92,70 @@ def _hparams(fn: Callable[..., Any], spec: dict[str, Any], exclude: tuple[str, .
   return {n: spec.pop(n) for n in list(spec)}
 
 
+IMPLS = ("plain", "chunked", "fused")
+
+
+def _is_token(shape: Any) -> bool:
+  """Whether a tap holds token logits ``[B, L, V]`` (a language model's)."""
+  return len(shape.shape) == 3
+
+
+def _token_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """``[B, L]`` real-target mask of a text batch."""
+  if "token_mask" not in batch:
+    raise UserError("token logits [batch, length, vocab] need text batches (a text data source such as "
+                    "pysrc, whose batches carry targets and token_mask)")
+  return batch["token_mask"]
+
+
+def _labels(batch: Mapping[str, jax.Array], token: bool) -> jax.Array:
+  return batch["targets"] if token else batch["label"]
+
+
 @register_term("ce", group="task")
 def _ce(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
+  """Cross-entropy with the labels; for token logits with ``batch["targets"]``, per sequence."""
   tap = spec.pop("student", "logits")
-  _tap_shape(shapes.student, tap, "student")
+  token = _is_token(_tap_shape(shapes.student, tap, "student"))
   hparams = _hparams(losses.ce, spec)
 
   def fn(connector: Any, inputs: StepInputs, state: Any):
-    return losses.ce(inputs.student.tap(tap), inputs.batch["label"], **hparams), None
+    loss = losses.ce(inputs.student.tap(tap), _labels(inputs.batch, token), **hparams)
+    if token:
+      loss = sequence.masked_sequence_mean(loss, _token_mask(inputs.batch))
+    return loss, None
 
   return fn, None, None
+
+
+def _token_impl(spec: dict[str, Any], loss_fn: Callable[..., jax.Array], token: bool, group: Any,
+                s_tap: str, t_tap: str) -> tuple[str, int | None]:
+  """Pops and checks ``impl`` and ``chunk_size`` (token-level divergences)."""
+  impl = spec.pop("impl", "plain")
+  chunk_size = _positive_int(spec, "chunk_size", None)
+  if impl not in IMPLS:
+    raise UserError(f"impl={impl!r}: unknown; choose one of {', '.join(IMPLS)}")
+  if impl == "plain":
+    if chunk_size is not None:
+      raise UserError("chunk_size applies to impl='chunked' or impl='fused'")
+    return impl, None
+  if not token:
+    raise UserError(f"impl={impl!r} applies to token logits [batch, length, vocab] (language models); "
+                    f"use impl='plain' here")
+  if loss_fn.__name__ not in sequence.DIVERGENCES:
+    raise UserError(f"impl={impl!r}: only {', '.join(sequence.DIVERGENCES)} have chunked and fused forms")
+  if group is not None:
+    raise UserError(f"impl={impl!r} distils from one teacher (from_teacher); use impl='plain' with from_teachers")
+  if impl == "fused" and (s_tap, t_tap) != ("logits", "logits"):
+    raise UserError("impl='fused' computes the logits from feats['final']; it takes student='logits' and "
+                    "teacher='logits'")
+  return impl, chunk_size
+
+
+def _check_fused(output: Any, side: str) -> None:
+  if output.unembedding is None or "final" not in output.feats:
+    raise UserError(f"impl='fused' needs the {side} model's unembedding and feats['final'] (e.g. a gpt model); "
+                    f"use impl='chunked'")
 
 
 def logit_pair_term(loss_fn: Callable[..., jax.Array], *, needs_labels: bool = False):
@@ -102,7 +171,13 @@ def logit_pair_term(loss_fn: Callable[..., jax.Array], *, needs_labels: bool = F
   def builder(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
     s_tap, t_tap = spec.pop("student", "logits"), spec.pop("teacher", "logits")
     s_shape = _tap_shape(shapes.student, s_tap, "student")
+    token = _is_token(s_shape)
     group = spec.pop("from_teachers", None)
+    impl, chunk_size = _token_impl(spec, loss_fn, token, group, s_tap, t_tap)
+    length_normalize = spec.pop("length_normalize", True)  # on-policy / MiniLLM option (kdlab.train.on_policy)
+    if not isinstance(length_normalize, bool) or (not length_normalize and not token):
+      raise UserError(f"length_normalize={length_normalize!r}: True (mean over a sequence's tokens) or False (their "
+                      f"sum), for token logits [batch, length, vocab] only")
     method, weights = spec.pop("combine", None), spec.pop("combine_weights", None)
     if group is None:
       if method is not None or weights is not None:
@@ -119,6 +194,9 @@ def logit_pair_term(loss_fn: Callable[..., jax.Array], *, needs_labels: bool = F
       if s_shape.shape != t_shape.shape:
         raise UserError(f"student tap {s_tap!r} {s_shape.shape} and teacher tap {t_tap!r} {t_shape.shape} "
                         f"differ in shape (e.g. the number of classes)")
+    if impl == "fused":
+      _check_fused(shapes.student, "student")
+      _check_fused(_teacher_shapes(shapes, teachers[0]), "teacher")
     hparams = _hparams(loss_fn, spec)
     temperature = hparams.get("temperature", 1.0)
 
@@ -126,15 +204,34 @@ def logit_pair_term(loss_fn: Callable[..., jax.Array], *, needs_labels: bool = F
       taps = [_teacher_output(inputs, t).tap(t_tap) for t in teachers]
       if group is None:
         return taps[0]
-      labels = inputs.batch["label"] if method == "confidence" else None
+      labels = _labels(inputs.batch, token) if method == "confidence" else None
       return losses.combine_teachers(jnp.stack(taps), method=method, temperature=temperature,
                                      weights=None if weights is None else jnp.asarray(weights), labels=labels)
 
     def fn(connector: Any, inputs: StepInputs, state: Any):
+      if impl == "fused":
+        s_out, t_out = inputs.student, _teacher_output(inputs, teachers[0])
+        return sequence.fused_token_kd(s_out.feats["final"], s_out.unembedding, t_out.feats["final"],
+                                       t_out.unembedding, _token_mask(inputs.batch), divergence=loss_fn.__name__,
+                                       chunk_size=chunk_size, **hparams), None
       s, t = inputs.student.tap(s_tap), target(inputs)
+      if impl == "chunked":
+        return sequence.chunked_token_kd(s, t, _token_mask(inputs.batch), divergence=loss_fn.__name__,
+                                         chunk_size=chunk_size, **hparams), None
       if needs_labels:
-        return loss_fn(s, t, inputs.batch["label"], **hparams), None
-      return loss_fn(s, t, **hparams), None
+        loss = loss_fn(s, t, _labels(inputs.batch, token), **hparams)
+      else:
+        loss = loss_fn(s, t, **hparams)
+      if token:  # Per token -> per sequence: the mean over its real tokens.
+        loss = sequence.masked_sequence_mean(loss, _token_mask(inputs.batch))
+      return loss, None
+
+    if not length_normalize:  # The sum over the sequence's tokens (mean x count) instead of their mean.
+      mean_fn = fn
+
+      def fn(connector: Any, inputs: StepInputs, state: Any):
+        loss, new_state = mean_fn(connector, inputs, state)
+        return loss * jnp.sum(_token_mask(inputs.batch).astype(jnp.float32), axis=-1), new_state
 
     return fn, None, None
 
@@ -234,6 +331,40 @@ def _check_values(pair: Pair) -> None:
     raise pair.error("must agree in all but the last axis ([B, heads, L, d]; head sizes may differ)")
 
 
+def _check_poolable(pair: Pair) -> None:
+  s, t = pair.s_shape, pair.t_shape
+  if len(s) != 4 or len(t) != 4 or not all(max(a, b) % min(a, b) == 0 for a, b in zip(s[1:3], t[1:3])):
+    raise pair.error("with pool=True, expected NHWC maps whose spatial sizes are equal or differ by integer "
+                     "factors (the larger is average-pooled to the smaller)")
+
+
+def _pool_pair(s: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Average-pools the larger of two NHWC maps to the other's spatial size (RepDistiller's AT/NST/FT/VID)."""
+  size = (min(s.shape[1], t.shape[1]), min(s.shape[2], t.shape[2]))
+  return connectors.avg_pool_to(s, size), connectors.avg_pool_to(t, size)
+
+
+def _pool_apply(module: Any, s: jax.Array, t: jax.Array):
+  return (*_pool_pair(s, t), {})
+
+
+def _pool_option(spec: dict[str, Any]) -> bool:
+  pool = spec.pop("pool", False)
+  if not isinstance(pool, bool):
+    raise UserError(f"pool must be True or False, got {pool!r}")
+  return pool
+
+
+def with_pool_option(strict: Callable[..., Any], pooled: Callable[..., Any]):
+  """A builder that uses ``pooled`` for specs with ``pool=True`` (maps of different resolution are
+  compared after average-pooling the larger to the smaller, as RepDistiller's AT and NST do), else ``strict``."""
+
+  def builder(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
+    return (pooled if _pool_option(spec) else strict)(spec, shapes=shapes, rngs=rngs)
+
+  return builder
+
+
 def _check_vid(pair: Pair) -> None:
   s, t = pair.s_shape, pair.t_shape
   if len(s) != len(t) or len(s) not in (2, 4):
@@ -246,12 +377,13 @@ def feature_term(loss_fn: Callable[..., jax.Array], *, default_tap: str | None =
                  check: Callable[[Pair], None] = _check_any,
                  connector: Callable[[Pair, dict[str, Any], Any], Any] | None = None,
                  apply: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, dict]] | None = None,
-                 exclude: tuple[str, ...] = ("where",)):
+                 exclude: tuple[str, ...] = ("where",), query_mask: bool = False):
   """Builder for ``loss_fn(s, t, **hparams)`` summed over tap pairs.
 
   ``connector(pair, spec, rngs)`` builds one pair's connector (popping its options from
   ``spec``; ``None`` for no connector); ``apply(connector, s, t) -> (s, t, extra_kwargs)`` maps
-  the taps through it inside the step.
+  the taps through it inside the step. With ``query_mask``, text batches pass
+  ``where=token_mask > 0`` (``[B, L]``: the loss averages over positions with a real target).
   """
 
   def builder(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
@@ -274,12 +406,13 @@ def feature_term(loss_fn: Callable[..., jax.Array], *, default_tap: str | None =
 
     def fn(module: Any, inputs: StepInputs, state: Any):
       t_out = _teacher_output(inputs, teacher)
+      where = {"where": inputs.batch["token_mask"] > 0} if query_mask and "token_mask" in inputs.batch else {}
       total = None
       for i, pair in enumerate(pairs):
         s, t, extra = inputs.student.tap(pair.s_tap), t_out.tap(pair.t_tap), {}
         if apply is not None:
           s, t, extra = apply(None if module is None else module[i], s, t)
-        loss = loss_fn(s, t, **hparams, **extra)
+        loss = loss_fn(s, t, **hparams, **extra, **where)
         total = loss if total is None else total + loss
       return total, None
 
@@ -312,7 +445,16 @@ def _fitnet_regressor(pair: Pair, spec: dict[str, Any], rngs: Any):
 
 
 def _ab_connector(pair: Pair, spec: dict[str, Any], rngs: Any):
+  if len(pair.s_shape) == 4 and len(pair.t_shape) == 4 and pair.s_shape[1:3] != pair.t_shape[1:3]:
+    # RepDistiller's Connector: ConvReg without its ReLU maps the student map to the teacher's size.
+    return connectors.FitNetRegressor(pair.s_shape, pair.t_shape, relu=False, rngs=rngs)
   return connectors.ABConnector(pair.s_shape[-1], pair.t_shape[-1], rngs=rngs)
+
+
+def _check_ab(pair: Pair) -> None:
+  # NHWC maps of different sizes get a resizing connector (which refuses ratios it cannot map).
+  if len(pair.s_shape) != 4 or len(pair.t_shape) != 4:
+    _check_spatial(pair)
 
 
 def _vid_regressor(pair: Pair, spec: dict[str, Any], rngs: Any):
@@ -336,14 +478,16 @@ register_term("sp")(feature_term(losses.sp))
 register_term("rkd_distance")(feature_term(losses.rkd_distance, default_tap="pool"))
 register_term("rkd_angle")(feature_term(losses.rkd_angle, default_tap="pool"))
 register_term("pkt")(feature_term(losses.pkt, default_tap="pool"))
-register_term("nst")(feature_term(losses.nst, check=_check_spatial))
+register_term("nst")(with_pool_option(feature_term(losses.nst, check=_check_spatial),
+                                      feature_term(losses.nst, check=_check_poolable, apply=_pool_apply)))
 register_term("cc")(feature_term(losses.cc, default_tap="pool", connector=_embed_pair, apply=_embed))
 register_term("vid")(feature_term(losses.vid, check=_check_vid, connector=_vid_regressor, apply=_vid_apply,
                                   exclude=("where", "log_scale")))
-register_term("ab")(feature_term(losses.ab, check=_check_spatial, connector=_ab_connector, apply=_regress))
-register_term("at")(feature_term(losses.at, check=_check_spatial))
-register_term("attention_kl")(feature_term(losses.attention_kl, check=_check_same_shape))
-register_term("value_relation")(feature_term(losses.value_relation, check=_check_values))
+register_term("ab")(feature_term(losses.ab, check=_check_ab, connector=_ab_connector, apply=_regress))
+register_term("at")(with_pool_option(feature_term(losses.at, check=_check_spatial),
+                                     feature_term(losses.at, check=_check_poolable, apply=_pool_apply)))
+register_term("attention_kl")(feature_term(losses.attention_kl, check=_check_same_shape, query_mask=True))
+register_term("value_relation")(feature_term(losses.value_relation, check=_check_values, query_mask=True))
 register_term("info_nce")(feature_term(losses.info_nce, default_tap="pool", connector=_embed_pair, apply=_embed))
 
 
@@ -355,11 +499,17 @@ def _ft(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
   (RepDistiller pre-trains it that way and then freezes it); the factor it gives the FT loss is
   under ``stop_gradient``, so it cannot collapse to match the translator. The term's value is the
   FT loss plus ``reconstruction_weight`` (default 1; 0 freezes the paraphraser at its init) times
-  the reconstruction error. Pre-train it with ``config.connector_warmup_steps``.
+  the reconstruction error. Pre-train it with ``config.connector_warmup_steps``. With
+  ``pool=True`` the taps may differ in resolution by integer factors: the larger factor is
+  average-pooled to the smaller before the FT loss (RepDistiller's ``FactorTransfer``).
   """
+  pool = _pool_option(spec)
   teacher, pairs = _pairs(spec, shapes, None)
   for pair in pairs:
-    _check_spatial(pair)
+    if pool:
+      _check_poolable(pair)
+    else:
+      _check_spatial(pair)
     if len(pair.s_shape) != 4:
       raise pair.error("factor transfer needs NHWC maps")
   rate = _positive(spec, "rate", 0.5)
@@ -378,7 +528,8 @@ def _ft(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
       factor_t = conn.paraphraser.encode(t, train=True)
       recon = conn.paraphraser.decoder(factor_t, train=True)
       factor_s = conn.translator(inputs.student.tap(pair.s_tap), train=True)
-      loss = losses.ft(factor_s, jax.lax.stop_gradient(factor_t), **hparams)
+      factor_s, factor_t_cmp = _pool_pair(factor_s, factor_t) if pool else (factor_s, factor_t)
+      loss = losses.ft(factor_s, jax.lax.stop_gradient(factor_t_cmp), **hparams)
       if recon_weight:
         loss = loss + recon_weight * jnp.mean(jnp.square(recon - t).reshape(t.shape[0], -1), axis=-1)
       total = loss if total is None else total + loss
@@ -477,3 +628,41 @@ def _crd(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
                       **hparams)
 
   return fn, module, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation from the teacher-output cache (kdlab.teacher_cache).
+
+
+@register_term("topk_kd")
+def _topk_kd(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
+  """KD against the teacher's cached top-k log-probabilities and rest mass (``config.teacher_cache``).
+
+  ``dict(loss="topk_kd", weight=..., temperature=...)``: :func:`kdlab.losses.sequence.topk_kd` of
+  the student's ``[B, L, V]`` logits against ``batch["cache/topk_logprobs"]``,
+  ``["cache/topk_indices"]`` and ``["cache/rest_logprobs"]`` (merged into every train batch by
+  the loop from the cache), over the tokens of ``batch["token_mask"]``. No teacher runs; with
+  ``k = V`` it equals ``kd`` against the live teacher.
+  """
+  from kdlab import teacher_cache
+  from kdlab.losses import sequence
+  s_tap = spec.pop("student", "logits")
+  s_shape = _tap_shape(shapes.student, s_tap, "student").shape
+  if len(s_shape) != 3:
+    raise UserError(f"topk_kd needs a language model's [batch, length, vocab] logits; student tap {s_tap!r} "
+                    f"is {s_shape}")
+  batch = shapes.batch or {}
+  if not all(key in batch for key in teacher_cache.KEYS):
+    raise UserError("topk_kd reads the teacher-output cache: set config.teacher_cache to a directory built by "
+                    "kdlab cache-teacher (docs/procedures.md)")
+  k = batch["cache/topk_logprobs"].shape[-1]
+  if k > s_shape[-1]:
+    raise UserError(f"the teacher cache keeps k={k} tokens but the student's vocab size is {s_shape[-1]}")
+  hparams = _hparams(sequence.topk_kd, spec, exclude=("rest_logprobs",))
+
+  def fn(connector: Any, inputs: StepInputs, state: Any):
+    b = inputs.batch
+    return sequence.topk_kd(inputs.student.tap(s_tap), b["cache/topk_logprobs"], b["cache/topk_indices"],
+                            b["token_mask"], rest_logprobs=b["cache/rest_logprobs"], **hparams), None
+
+  return fn, None, None

@@ -1,8 +1,15 @@
 """grain pipelines: seeded, checkpointable training batches and padded eval batches.
 
-A batch is a dict of numpy arrays: ``image`` float32 ``[B, H, W, C]``
+An image batch is a dict of numpy arrays: ``image`` float32 ``[B, H, W, C]``
 (normalized), ``label`` int32 ``[B]``, ``index`` int32 ``[B]`` (position in the
 split) and ``mask`` bool ``[B]`` (False on eval padding).
+
+A text batch (``text_train_dataset`` / ``text_eval_batches``) has ``tokens`` and
+``targets`` int32 ``[B, L]``, ``token_mask`` float32 ``[B, L]`` (1 for real
+targets, 0 for packing and eval padding), ``index`` int32 ``[B]`` (the
+sequence's position in its split) and ``mask`` bool ``[B]`` (False for a padded
+eval sequence). ``mask`` stays per example so the objective averages per-sequence
+losses exactly as it averages per-image ones.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import numpy as np
 
 from kdlab.data.augment import AUGMENTATIONS
 from kdlab.data.sources import ArrayRecords, Source
+from kdlab.data.text import TextSource
 from kdlab.errors import UserError
 
 
@@ -90,6 +98,33 @@ def eval_batches(source: Source, *, batch_size: int, mean: Sequence[float] = (0.
   for start in range(0, len(source), batch_size):
     batch = normalize(gather(source, np.arange(start, min(start + batch_size, len(source)))))
     n = len(batch["label"])
+    if n < batch_size:
+      batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    yield batch
+
+
+def gather_text(source: TextSource, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """Sequences ``indices`` of ``source`` as one text batch (see the module docstring)."""
+  packed = source.records
+  return {"tokens": packed.tokens[indices], "targets": packed.targets[indices],
+          "token_mask": packed.mask[indices].astype(np.float32), "index": np.asarray(indices, np.int32),
+          "mask": np.ones(len(indices), bool)}
+
+
+def text_train_dataset(source: TextSource, *, batch_size: int, seed: int) -> grain.MapDataset:
+  """Endless training batches of sequences, reshuffled every epoch (as :func:`train_dataset`)."""
+  if batch_size > len(source):
+    raise UserError(f"data.batch_size={batch_size} is larger than the training set ({len(source)} sequences)")
+  ds = grain.MapDataset.source(EpochBatches(len(source), batch_size, seed))
+  return ds.map(lambda indices: gather_text(source, indices))
+
+
+def text_eval_batches(source: TextSource, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """The whole split in order; the last batch is padded with ``mask=False``, ``token_mask=0``."""
+  for start in range(0, len(source), batch_size):
+    batch = gather_text(source, np.arange(start, min(start + batch_size, len(source))))
+    n = len(batch["mask"])
     if n < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}

@@ -22,6 +22,7 @@ The result (``PackedText``) is a random-access sequence of dicts ``{"tokens": in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import sysconfig
@@ -144,3 +145,46 @@ def pysrc(split: str = "train", *, seq_len: int = 256, max_bytes: int | None = 1
   if not docs:
     raise ValueError(f"pysrc: no .py files for split {split!r} under {root}")
   return pack(docs, seq_len)
+
+
+# --- sources for the training loop ---------------------------------------------------------------
+
+TEXT_SOURCES = ("pysrc",)
+
+
+def is_text_source(name: str) -> bool:
+  """Whether ``config.data.source = name`` is a text corpus (language modelling)."""
+  return name in TEXT_SOURCES
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+  """A packed text split for the training loop.
+
+  Attributes:
+    name: source name as given in the config (``pysrc``).
+    split: ``"train"`` or ``"validation"``.
+    seq_len: tokens per sequence ``L``.
+    vocab_size: the tokenizer's vocabulary size (256 for bytes).
+    records: the ``PackedText`` (``[N, L]`` tokens, targets, mask).
+  """
+  name: str
+  split: str
+  seq_len: int
+  vocab_size: int
+  records: PackedText
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+
+@functools.lru_cache(maxsize=8)
+def load_text(name: str, split: str, *, seq_len: int, max_bytes: int | None) -> TextSource:
+  """Split ``split`` (``"train"`` or ``"validation"``) of text source ``name``, packed.
+
+  Cached per process: the vmapped seeds of one run and a sweep's checks share one copy.
+  """
+  if name != "pysrc":
+    raise ValueError(f"data.source: unknown text source {name!r}; choose one of {', '.join(TEXT_SOURCES)}")
+  packed = pysrc(split, seq_len=seq_len, max_bytes=max_bytes)
+  return TextSource(name, split, seq_len, ByteTokenizer.vocab_size, packed)

@@ -51,8 +51,8 @@ def crd_init_state(num_examples: int, dim: int, key: jax.Array) -> CRDState:
   k_s, k_t = jax.random.split(key)
   def bank(k):
     return jax.random.uniform(k, (num_examples, dim), jnp.float32, -stdv, stdv)
-  unset = jnp.array(-1.0, jnp.float32)
-  return CRDState(bank(k_s), bank(k_t), unset, unset)
+  # Two arrays, not one twice: the train step donates its state, and a buffer can be donated only once.
+  return CRDState(bank(k_s), bank(k_t), jnp.array(-1.0, jnp.float32), jnp.array(-1.0, jnp.float32))
 
 
 def _nce(scores: jax.Array, num_examples: int) -> jax.Array:

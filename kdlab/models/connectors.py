@@ -81,12 +81,14 @@ class FitNetRegressor(nnx.Module):
 
   Maps ``[B, Hs, Ws, Cs]`` to ``[B, Ht, Wt, Ct]`` with a 3x3 stride-2 conv when ``Hs = 2 Ht``,
   a 4x4 stride-2 transposed conv when ``2 Hs = Ht``, otherwise (``Hs >= Ht``) a valid conv
-  of kernel ``(1 + Hs - Ht, 1 + Ws - Wt)`` (a 1x1 conv at equal sizes); then BN and ReLU.
+  of kernel ``(1 + Hs - Ht, 1 + Ws - Wt)`` (a 1x1 conv at equal sizes); then BN and ReLU
+  (``relu=False``: BN only, RepDistiller's AB ``Connector`` between maps of different sizes).
   Vectors ``[B, Ds] -> [B, Dt]`` get a linear layer.
   """
 
-  def __init__(self, s_shape: Shape, t_shape: Shape, *, rngs: nnx.Rngs):
+  def __init__(self, s_shape: Shape, t_shape: Shape, *, relu: bool = True, rngs: nnx.Rngs):
     s_shape, t_shape = tuple(s_shape), tuple(t_shape)
+    self.relu = relu
     if len(s_shape) == 2 and len(t_shape) == 2:
       self.proj, self.bn = layers.linear(s_shape[1], t_shape[1], rngs=rngs), None
       return
@@ -106,7 +108,10 @@ class FitNetRegressor(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = self.proj(x)
-    return x if self.bn is None else nnx.relu(_bn(x, self.bn, train))
+    if self.bn is None:
+      return x
+    x = _bn(x, self.bn, train)
+    return nnx.relu(x) if self.relu else x
 
 
 class Embed(nnx.Module):
@@ -226,9 +231,9 @@ class FactorTransfer(nnx.Module):
   """FT's two connectors: ``paraphraser`` (teacher side) and ``translator`` (student side)."""
 
   def __init__(self, s_shape: Shape, t_shape: Shape, *, rate: float = 0.5, rngs: nnx.Rngs):
-    if len(s_shape) != 4 or len(t_shape) != 4 or tuple(s_shape[1:3]) != tuple(t_shape[1:3]):
-      raise ValueError(f"factor transfer needs NHWC maps of the same spatial size, got {tuple(s_shape)} "
-                       f"and {tuple(t_shape)}")
+    # Spatial sizes may differ: the term compares the factors at a common size (or refuses).
+    if len(s_shape) != 4 or len(t_shape) != 4:
+      raise ValueError(f"factor transfer needs NHWC maps, got {tuple(s_shape)} and {tuple(t_shape)}")
     self.paraphraser = Paraphraser(t_shape[-1], rate=rate, rngs=rngs)
     self.translator = Translator(s_shape[-1], t_shape[-1], rate=rate, rngs=rngs)
 

@@ -21,12 +21,25 @@ created sharded (every logical name needs a rule, ``None`` = replicated)::
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     model = create("gpt", ...)
 
-Without a mesh the names stay as metadata (``nnx.get_partition_spec``). The forward pass is
-KV-cache free (generation comes later).
+Without a mesh the names stay as metadata (``nnx.get_partition_spec``).
+
+Generation with a KV cache (``kdlab.generate`` drives it; docs/generation.md)::
+
+  cache = model.init_cache(batch, length)              # zeros, keys/values [B, length, H, Dh]
+  logits, cache = model.decode(tokens, cache, positions)
+
+``decode`` runs the ``T`` new tokens ``[B, T]`` at absolute ``positions`` (``[B, T]`` or ``[T]``),
+writes their keys and values into the cache at those positions, and attends to every cached
+position ``<=`` the query's own (RoPE at the absolute positions): prefill is one call with the
+prompt, each generated token one call with ``T = 1``. Its logits equal ``__call__``'s on the same
+sequence (eval mode). Cache slots past a query's position are never read, so right-padded
+prompts need no mask: a row's padding slots are overwritten by its generated tokens before any
+query reaches them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -52,11 +65,13 @@ def _like(x: jax.Array):
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-  """Rotary embedding (rotate-half form) of ``x [B, L, H, Dh]`` at ``positions [L]``."""
+  """Rotary embedding (rotate-half form) of ``x [B, L, H, Dh]`` at ``positions`` ``[L]`` or ``[B, L]``."""
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [L, Dh/2]
-  sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
+  pos = positions.astype(jnp.float32)
+  pos = pos[None] if pos.ndim == 1 else pos
+  angle = pos[..., None] * freq  # [B or 1, L, Dh/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -91,6 +106,23 @@ class Attention(nnx.Module):
       probs = None
       y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return self.out(y.reshape(b, l, -1), out_sharding=_like(x)), probs, v.transpose(0, 2, 1, 3)
+
+  def decode(self, x: jax.Array, keys: jax.Array, values: jax.Array,
+             positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x [B, T, D]`` at ``positions [B, T]``, cache ``keys``/``values [B, S, H, Dh]`` ->
+    (``[B, T, D]``, updated keys, updated values)."""
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
+    q = rope(split(self.query(x)), positions, self.rope_base)
+    k = rope(split(self.key(x)), positions, self.rope_base)
+    v = split(self.value(x))
+    rows = jnp.arange(b)[:, None]
+    keys = keys.at[rows, positions].set(k.astype(keys.dtype))
+    values = values.at[rows, positions].set(v.astype(values.dtype))
+    visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    y = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                     mask=visible[:, None])
+    return self.out(y.reshape(b, t, -1), out_sharding=_like(x)), keys, values
 
 
 class MLP(nnx.Module):
@@ -131,6 +163,30 @@ class Block(nnx.Module):
     x = x + self.drop(y, deterministic=not train)
     x = x + self.drop(self.mlp(self.norm2(x)), deterministic=not train)
     return x, probs, values
+
+  def decode(self, x: jax.Array, keys: jax.Array, values: jax.Array,
+             positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The eval-mode block on new tokens with a KV cache (see :meth:`Attention.decode`)."""
+    y, keys, values = self.attn.decode(self.norm1(x), keys, values, positions)
+    x = x + y
+    return x + self.mlp(self.norm2(x)), keys, values
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Per-layer keys and values ``[B, S, H, Dh]`` (tuples over layers), a pytree.
+
+  Slot ``s`` holds the key/value of the token at absolute position ``s``; the caller keeps
+  track of which positions are filled (``decode`` takes the positions explicitly).
+  """
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+
+  @property
+  def length(self) -> int:
+    """``S``, the number of positions the cache holds."""
+    return self.keys[0].shape[1]
 
 
 class GPT(nnx.Module):
@@ -206,6 +262,41 @@ class GPT(nnx.Module):
     feats["final"] = h
     logits = jnp.matmul(h, self.unembedding(), preferred_element_type=jnp.float32)
     return logits.astype(jnp.float32), feats
+
+  def init_cache(self, batch: int, length: int | None = None, dtype: jnp.dtype = jnp.float32) -> KVCache:
+    """An empty (zero) cache for ``batch`` sequences of up to ``length`` (default ``max_len``) tokens."""
+    length = self.max_len if length is None else length
+    if batch < 1 or not 1 <= length <= self.max_len:
+      raise ValueError(f"init_cache: need batch >= 1 and 1 <= length <= max_len={self.max_len}, "
+                       f"got batch={batch}, length={length}")
+    shape = (batch, length, self.num_heads, self.d_model // self.num_heads)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(self.num_layers))  # noqa: E731
+    return KVCache(keys=zeros(), values=zeros())
+
+  def decode(self, tokens: jax.Array, cache: KVCache,
+             positions: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Eval-mode forward of new ``tokens [B, T]`` at absolute ``positions`` (``[B, T]`` or ``[T]``).
+
+    Writes their keys/values into ``cache`` (returned updated, the input is not modified) and
+    attends to the cached positions ``<=`` each query's. Returns ``(logits [B, T, V] float32,
+    cache)``. Positions must lie in ``[0, cache.length)`` (not checked: they may be traced).
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens: expected [batch, new tokens] integer ids, got {tokens.dtype} {tokens.shape}")
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    if len(cache.keys) != self.num_layers or cache.keys[0].shape[0] != b:
+      raise ValueError(f"cache: expected {self.num_layers} layers of batch {b}, got {len(cache.keys)} "
+                       f"of batch {cache.keys[0].shape[0]}; build it with model.init_cache")
+    x = self._embed(tokens)
+    keys, values = [], []
+    for block, k, v in zip(self.blocks, cache.keys, cache.values):
+      x, k, v = block.decode(x, k, v, positions)
+      keys.append(k)
+      values.append(v)
+    logits = jnp.matmul(self.final_norm(x), self.unembedding(), preferred_element_type=jnp.float32)
+    return logits.astype(jnp.float32), KVCache(keys=tuple(keys), values=tuple(values))
 
 
 @register("gpt")

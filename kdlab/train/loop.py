@@ -1,7 +1,9 @@
 """``train(config, workdir)``: validate everything, then train, evaluate, checkpoint and log.
 
 All validation happens in :func:`prepare`, before anything is written, so bad
-input never touches an existing workdir.
+input never touches an existing workdir. What depends on the kind of data (image
+classification or language modelling: model inputs, batches, metrics, summary) is
+the task's (:mod:`kdlab.train.tasks`), picked from ``config.data.source``.
 """
 
 from __future__ import annotations
@@ -24,19 +26,25 @@ from tqdm import tqdm
 from kdlab import data as kdata
 from kdlab import models, objectives
 from kdlab.errors import UserError
-from kdlab.train import checkpoint, mesh as meshlib, optim
+from kdlab.train import checkpoint, mesh as meshlib, on_policy, optim, tasks
 from kdlab.train.logging import MetricsLog, WandbLog
 from kdlab.train.state import Learner, TrainState, init_state
-from kdlab.train.step import Teacher, accumulate, make_eval_step, make_train_step, reduce_metrics, run_teachers
+from kdlab.train.step import (Teacher, accumulate, forward, make_eval_step, make_train_step, reduce_metrics,
+                              run_teachers)
 
 
 @dataclasses.dataclass
 class Setup:
-  """Everything built from a validated config, before any workdir write."""
+  """Everything built from a validated config, before any workdir write.
+
+  ``test_source`` is the eval split (``test`` for classification, ``validation`` for text).
+  ``objective_teachers`` are the indices in ``teacher_specs`` the objective sees (all but the
+  ``eval_only`` ones); ``teacher_specs[0]`` is the one eval metrics compare against.
+  """
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  train_source: kdata.Source
-  test_source: kdata.Source
+  train_source: Any
+  test_source: Any
   student_kwargs: dict[str, Any]
   teacher_specs: list[dict[str, Any]]
   objective: objectives.Objective
@@ -45,6 +53,11 @@ class Setup:
   total_steps: int
   ema_decay: Any = None
   shapes: objectives.Shapes | None = None
+  task: tasks.Task = tasks.CLASSIFICATION
+  num_outputs: int = 0
+  student_taps: tuple[str, ...] = ()
+  objective_teachers: tuple[int, ...] = ()
+  cache: Any = None
 
 
 def _model_kwargs(cfg: Any, field: str) -> dict[str, Any]:
@@ -83,7 +96,55 @@ def _teacher_spec(entry: Any, i: int) -> dict[str, Any]:
     model = entry["model"] if isinstance(entry["model"], dict) else {"name": entry["model"]}
   else:
     raise UserError(f"{field}.model: {init!r} has no config.json beside it; give the teacher's model dict")
-  return {"name": entry.get("name", f"t{i}"), "init": str(ckpt), "model": _model_kwargs(model, f"{field}.model")}
+  eval_only = entry.get("eval_only", False)
+  if not isinstance(eval_only, bool):
+    raise UserError(f"{field}.eval_only must be True or False, got {eval_only!r}")
+  return {"name": entry.get("name", f"t{i}"), "init": str(ckpt), "model": _model_kwargs(model, f"{field}.model"),
+          "eval_only": eval_only}
+
+
+def _requested_taps(specs: Sequence[Any]) -> set[str]:
+  """Every tap name the objective's terms mention (their ``student`` / ``teacher`` options)."""
+  found: set[str] = set()
+
+  def walk(value: Any) -> None:
+    if isinstance(value, str):
+      found.add(value)
+    elif isinstance(value, (list, tuple)):
+      for v in value:
+        walk(v)
+
+  for spec in specs:
+    spec = dict(spec)
+    walk(spec.get("student"))
+    walk(spec.get("teacher"))
+  return found
+
+
+def _abstract_output(model: nnx.Module, x: jax.ShapeDtypeStruct, requested: set[str]
+                     ) -> tuple[objectives.ModelOutput, tuple[str, ...]]:
+  """The model's abstract output with the requested optional taps (those ``tap_names()`` lists
+  but a plain call does not compute, e.g. gpt's ``attn{i}``), and those taps."""
+  out = jax.eval_shape(lambda m, x: forward(m, x, train=False), model, x)
+  names = model.tap_names() if callable(getattr(model, "tap_names", None)) else []
+  taps = tuple(sorted(n for n in names if n in requested and n not in out.feats))
+  if taps:
+    out = jax.eval_shape(lambda m, x: forward(m, x, train=False, taps=taps), model, x)
+  return out, taps
+
+
+def _open_cache(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> Any:
+  """``config.teacher_cache``: opens it (checking its fingerprint) and adds its keys to the abstract ``batch``."""
+  path = config.get("teacher_cache")
+  if not path:
+    return None
+  from kdlab import teacher_cache  # Lazy: only runs that read a cache need it.
+  cache = teacher_cache.open_cache(path, expected_fingerprint=teacher_cache.fingerprint(config))
+  index = batch["index"]
+  sample = cache.lookup(np.arange(index.shape[0]) % max(len(cache), 1))
+  for k, v in sample.items():
+    batch[k] = jax.ShapeDtypeStruct((index.shape[0], *v.shape[1:]), v.dtype)
+  return cache
 
 
 def prepare(config: ml_collections.ConfigDict) -> Setup:
@@ -92,9 +153,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   data_cfg = config.data
   meshlib.check_batch_size(data_cfg.batch_size, mesh)
   meshlib.check_batch_size(data_cfg.eval_batch_size, mesh, "config.data.eval_batch_size")
-  train_source = kdata.load(data_cfg.source, "train", data_dir=data_cfg.get("data_dir"))
-  train_source = train_source.without_labels(list(data_cfg.get("exclude_labels", ())))
-  test_source = kdata.load(data_cfg.source, "test", data_dir=data_cfg.get("data_dir"))
+  task = tasks.for_source(data_cfg.source)
+  train_source, test_source = task.load(data_cfg)
   if data_cfg.batch_size > len(train_source):
     raise UserError(f"config.data.batch_size={data_cfg.batch_size} exceeds the {len(train_source)} training examples")
 
@@ -103,28 +163,28 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   teacher_specs = [_teacher_spec(t, i) for i, t in enumerate(config.teachers)]
   teachers = [nnx.eval_shape(lambda s=s, i=i: _create(s["model"], f"config.teachers[{i}].model", 0))
               for i, s in enumerate(teacher_specs)]
+  task.check_models(student, teachers, [f"config.teachers[{i}]" for i in range(len(teachers))], data_cfg)
+  on_policy.check(config, task, student)  # config.on_policy (kdlab.train.on_policy)
 
-  x = jax.ShapeDtypeStruct((data_cfg.batch_size, *train_source.image_shape), jnp.float32)
-
-  def forward(model):
-    return jax.eval_shape(lambda m, x: objectives.ModelOutput(*m(x, train=False)), model, x)
-
-  s_out = forward(student)
-  t_outs = [forward(t) for t in teachers]
-  for i, t_out in enumerate(t_outs):
-    if t_out.logits.shape[-1] != s_out.logits.shape[-1]:
-      raise UserError(f"config.teachers[{i}]: the teacher predicts {t_out.logits.shape[-1]} classes but the "
-                      f"student {s_out.logits.shape[-1]}; use models with the same num_classes")
-  if s_out.logits.shape[-1] != train_source.num_classes:
-    raise UserError(f"config.model.num_classes: the model predicts {s_out.logits.shape[-1]} classes but "
-                    f"{data_cfg.source} has {train_source.num_classes}")
-  teacher_names = [s["name"] for s in teacher_specs]
+  batch = task.abstract_batch(train_source, data_cfg.batch_size)
+  x = batch[task.input_key]
+  requested = _requested_taps(config.objective)
+  s_out, student_taps = _abstract_output(student, x, requested)
+  t_outs = []
+  for spec, teacher in zip(teacher_specs, teachers):
+    t_out, spec["taps"] = _abstract_output(teacher, x, requested)
+    t_outs.append(t_out)
+  task.check_outputs(s_out, t_outs, train_source, data_cfg)
+  objective_teachers = tuple(i for i, spec in enumerate(teacher_specs) if not spec["eval_only"])
+  t_outs = [t_outs[i] for i in objective_teachers]
+  teacher_names = [teacher_specs[i]["name"] for i in objective_teachers]
   ema_decay = None
   if config.get("ema_teacher"):
     ema_decay = objectives.make_schedule(config.ema_teacher.get("decay", 0.999), "config.ema_teacher.decay")
     _check_decay(config.ema_teacher.get("decay", 0.999), ema_decay)
     t_outs, teacher_names = [*t_outs, s_out], [*teacher_names, "ema"]
-  shapes = objectives.Shapes(s_out, t_outs, teacher_names, len(train_source))
+  cache = _open_cache(config, batch)
+  shapes = objectives.Shapes(s_out, t_outs, teacher_names, len(train_source), batch)
   objective = objectives.build(config.objective, shapes, nnx.Rngs(config.seed + 1))
 
   steps_per_epoch = len(train_source) // data_cfg.batch_size
@@ -137,7 +197,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {warmup!r}")
   learner = Learner(_create(student_kwargs, "config.model", config.seed), objective.connectors())
   return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
-               steps_per_epoch, total_steps, ema_decay, shapes)
+               steps_per_epoch, total_steps, ema_decay, shapes, task, int(s_out.logits.shape[-1]), student_taps,
+               objective_teachers, cache)
 
 
 def _check_decay(value: Any, schedule: Any) -> None:
@@ -169,7 +230,7 @@ def _load_teachers(setup: Setup, mesh: jax.sharding.Mesh) -> tuple[list[Teacher]
       raise UserError(f"{field}.init: the checkpoint does not match model {spec['model']['name']!r} "
                       f"(different architecture or sizes)") from None
     variables.append(jax.device_put(loaded, meshlib.replicated(mesh)))
-    teachers.append(Teacher(spec["name"], graphdef))
+    teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ()))))
   return teachers, variables
 
 
@@ -190,15 +251,14 @@ def _like(fresh: Any, saved: Any, strict: bool = True) -> Any:
   return jnp.asarray(saved, fresh.dtype)
 
 
-def evaluate(eval_step, state: TrainState, teacher_vars: Sequence[Any], source: kdata.Source, config: Any,
-             mesh: jax.sharding.Mesh, logit_offset: np.ndarray | None = None) -> dict[str, Any]:
-  """Student metrics over the whole split ``source``."""
-  data_cfg = config.data
-  offset = jnp.zeros((source.num_classes,), jnp.float32) if logit_offset is None else jnp.asarray(logit_offset)
+def evaluate(eval_step, state: TrainState, teacher_vars: Sequence[Any], setup: Setup,
+             logit_offset: np.ndarray | None = None) -> dict[str, Any]:
+  """Student metrics over the whole eval split of ``setup``."""
+  offset = jnp.zeros((setup.num_outputs,), jnp.float32) if logit_offset is None else jnp.asarray(logit_offset)
   totals: dict[str, Any] = {}
-  for batch in kdata.eval_batches(source, batch_size=data_cfg.eval_batch_size, mean=data_cfg.mean, std=data_cfg.std):
-    totals = accumulate(totals, eval_step(state, teacher_vars, _global(batch, mesh), offset))
-  return reduce_metrics(totals)
+  for batch in setup.task.eval_batches(setup.test_source, setup.config.data):
+    totals = accumulate(totals, eval_step(state, teacher_vars, _global(batch, setup.mesh), offset))
+  return setup.task.finalize(reduce_metrics(totals))
 
 
 def _global(batch: dict[str, Any], mesh: jax.sharding.Mesh, stacked: bool = False) -> dict[str, jax.Array]:
@@ -242,9 +302,12 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   _check_workdir(workdir, config_json)
   summaries = _train_group(configs, [workdir / f"seed{c.seed}" for c in configs], use_wandb=use_wandb,
                            progress=progress, before_write=lambda: _write_config(workdir, config_json))
-  summary = {"seeds": [c.seed for c in configs], "runs": summaries,
-             "test_accuracy": float(np.mean([s["test_accuracy"] for s in summaries])),
-             "wall_time_s": summaries[0]["wall_time_s"]}
+  summary: dict[str, Any] = {"seeds": [c.seed for c in configs], "runs": summaries}
+  for field in tasks.for_source(config.data.source).headline_fields:
+    values = [s.get(field) for s in summaries]
+    if all(v is not None for v in values):
+      summary[field] = float(np.mean(values))
+  summary["wall_time_s"] = summaries[0]["wall_time_s"]
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
@@ -285,8 +348,8 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   for s, c in zip(setups, configs):
     graphdef, state = init_state(s.learner, tx, s.objective.init_state(), c.seed, ema=s.ema_decay is not None)
     states.append(jax.device_put(state, meshlib.replicated(mesh)))
-  data_iters = [iter(kdata.train_dataset(s.train_source, batch_size=c.data.batch_size, seed=c.seed,
-                                         augment=c.data.augment, mean=c.data.mean, std=c.data.std).to_iter_dataset())
+  task = setup.task
+  data_iters = [iter(task.train_dataset(s.train_source, c.data, c.seed).to_iter_dataset())
                 for s, c in zip(setups, configs)]
   ckpts = [checkpoint.Checkpointer(w / "checkpoints") for w in workdirs]
   latest = [c.latest_step() for c in ckpts]
@@ -300,16 +363,24 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   state = _stack(states)
   start_step = int(states[0].step)
 
-  step_fn = make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay,
+  # Eval-only teachers (and all of them, with a teacher cache) are run by the eval step alone.
+  step_teachers = [teachers[i] for i in setup.objective_teachers]
+  step_teacher_vars = [teacher_vars[i] for i in setup.objective_teachers]
+  step_fn = make_train_step(graphdef, setup.objective, tx, step_teachers, setup.ema_decay,
                             term_grad_norms=bool(config.train.get("term_grad_norms", False)),
-                            connector_warmup_steps=config.get("connector_warmup_steps", 0))
-  eval_fn = make_eval_step(graphdef, teachers, setup.train_source.num_classes)
+                            connector_warmup_steps=config.get("connector_warmup_steps", 0),
+                            task=task, student_taps=setup.student_taps)
+  eval_fn = make_eval_step(graphdef, teachers, task)
   if n > 1:
     step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))
     eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, None))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   train_step = jax.jit(step_fn, out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
   eval_step = jax.jit(eval_fn)
+  # config.on_policy: some batches become the student's own samples (kdlab.train.on_policy).
+  policy = on_policy.build(configs, setup, graphdef, meshlib.batch_sharding(mesh, leading_axes=1 if n > 1 else 0))
+  if policy is not None:
+    train_step = policy.wrap(train_step)
   logs = [MetricsLog(w, start_step) for w in workdirs]
   wandb_logs = [WandbLog(w, json.loads(j), enabled=use_wandb, project=c.get("wandb_project", "kdlab"),
                          group=c.get("wandb_group") or None, tags=tuple(c.get("wandb_tags", ())))
@@ -317,27 +388,28 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
 
   def evaluate_all() -> list[dict[str, Any]]:
     totals: dict[str, Any] = {}
-    for batch in kdata.eval_batches(setup.test_source, batch_size=config.data.eval_batch_size,
-                                    mean=config.data.mean, std=config.data.std):
+    for batch in task.eval_batches(setup.test_source, config.data):
       totals = accumulate(totals, eval_step(state, teacher_vars, _global(batch, mesh), offset))
-    return [reduce_metrics(t) for t in _unstack(totals, n)]
+    return [task.finalize(reduce_metrics(t)) for t in _unstack(totals, n)]
 
-  offset = jnp.zeros((setup.train_source.num_classes,), jnp.float32)
+  offset = jnp.zeros((setup.num_outputs,), jnp.float32)
   eval_every = max(1, int(round(config.train.eval_every_epochs * setup.steps_per_epoch)))
   ckpt_every = max(1, int(round(config.train.checkpoint_every_epochs * setup.steps_per_epoch)))
   log_every = max(1, min(config.train.log_every_steps, setup.steps_per_epoch))
   totals: dict[str, Any] = {}
-  best = [max((m.get("test/accuracy", -1.0) for m in _evals(w)), default=-1.0) for w in workdirs]
+  best = [_best(w, task) for w in workdirs]
   steps_timed, time_in_steps = 0, 0.0
   final = None
   bar = tqdm(total=setup.total_steps, initial=start_step, disable=not progress, desc=workdirs[0].name,
              mininterval=2.0, dynamic_ncols=True)
   for step in range(start_step + 1, setup.total_steps + 1):
     batches = [next(it) for it in data_iters]
+    if setup.cache is not None:  # The teacher's stored outputs for these sequences (config.teacher_cache).
+      batches = [{**b, **setup.cache.lookup(b["index"])} for b in batches]
     batch = _global(batches[0] if n == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]},
                     mesh, stacked=n > 1)
     t0 = time.time()
-    state, metrics = train_step(state, teacher_vars, batch)
+    state, metrics = train_step(state, step_teacher_vars, batch)
     totals = accumulate(totals, metrics)
     save_now = step % ckpt_every == 0 or step == setup.total_steps
     # Logging at every checkpoint too keeps the averaging windows of a resumed run identical.
@@ -358,7 +430,8 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     if step % eval_every == 0 or step == setup.total_steps:
       final = evaluate_all()
       for i, values in enumerate(final):
-        best[i] = max(best[i], values["test/accuracy"])
+        if best[i] is None or task.better(values[task.best_key], best[i]):
+          best[i] = values[task.best_key]
         logs[i].write(step, {**values, "epoch": step / setup.steps_per_epoch})
         wandb_logs[i].write(step, values)
     if save_now:
@@ -370,15 +443,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   summaries = []
   for i, values in enumerate(final if final is not None else evaluate_all()):
     summary = {
-        "steps": setup.total_steps,
-        "test_accuracy": values["test/accuracy"],
-        "best_test_accuracy": max(best[i], values["test/accuracy"]),
-        "test_errors": int(values["test/errors"]),
-        "test_errors_per_class": [int(e) for e in values["test/errors_per_class"]],
-        "test_examples": len(setup.test_source),
-        "test_ce": values["test/ce"],
-        "agreement_top1": values.get("agreement/top1"),
-        "kl_teacher": values.get("test/kl_teacher"),
+        **task.summary(values, best[i], setup.test_source, setup.total_steps),
         "wall_time_s": time.time() - start,
         # Each run advanced this many steps per second (all n runs together: n times as many).
         "steps_per_s": steps_timed / time_in_steps if time_in_steps else None,
@@ -392,13 +457,19 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   return summaries
 
 
-def _evals(workdir: pathlib.Path) -> list[dict[str, Any]]:
+def _best(workdir: pathlib.Path, task: tasks.Task) -> float | None:
+  """The best ``task.best_key`` among the evaluations already logged in ``workdir`` (a resumed run)."""
   from kdlab.train.logging import read_metrics
-  return [m for m in read_metrics(workdir) if "test/accuracy" in m]
+  best = None
+  for m in read_metrics(workdir):
+    value = m.get(task.best_key)
+    if value is not None and (best is None or task.better(value, best)):
+      best = value
+  return best
 
 
 def evaluate_run(workdir: str | pathlib.Path, *, logit_offset: np.ndarray | None = None) -> dict[str, Any]:
-  """Test metrics of a finished run's last checkpoint, optionally with ``logit_offset [C]`` added."""
+  """Eval metrics of a finished run's last checkpoint, optionally with ``logit_offset [C]`` added."""
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   setup = prepare(config)
@@ -407,8 +478,8 @@ def evaluate_run(workdir: str | pathlib.Path, *, logit_offset: np.ndarray | None
   graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed,
                                ema=setup.ema_decay is not None)
   state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(jax.device_put(state, meshlib.replicated(setup.mesh)))
-  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.train_source.num_classes))
-  return evaluate(eval_step, state, teacher_vars, setup.test_source, config, setup.mesh, logit_offset)
+  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.task))
+  return evaluate(eval_step, state, teacher_vars, setup, logit_offset)
 
 
 def evaluate_ensemble(checkpoint_dirs: Sequence[str | pathlib.Path], config: ml_collections.ConfigDict
@@ -424,6 +495,9 @@ def evaluate_ensemble(checkpoint_dirs: Sequence[str | pathlib.Path], config: ml_
   config.objective = [dict(loss="ce", weight=1.0)]
   config.ema_teacher = None
   setup = prepare(config)
+  if setup.task is not tasks.CLASSIFICATION:
+    raise UserError(f"config.data.source={config.data.source!r}: ensembles of runs are evaluated for "
+                    f"classification only")
   members, variables = _load_teachers(setup, setup.mesh)
   num_classes = setup.train_source.num_classes
 

@@ -3,7 +3,9 @@
 One step: frozen teachers (eval mode, ``stop_gradient``) and the student see
 the same batch; the objective gives ``(loss, metrics)``; gradients are taken
 w.r.t. the learner's parameters only. Metrics are ``(sum, count)`` pairs so
-averages stay exact across devices and hosts.
+averages stay exact across devices and hosts. What the models read from the
+batch and which task metrics are added come from the task
+(:mod:`kdlab.train.tasks`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flax import nnx
 
 from kdlab.errors import UserError
 from kdlab.objectives import ModelOutput, Objective, StepInputs
+from kdlab.train import tasks as tasklib
 from kdlab.train.state import TrainState
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -25,24 +28,43 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-  """A frozen teacher's name and graph; its variables ``(params, rest)`` are passed to the step."""
+  """A frozen teacher's name and graph; its variables ``(params, rest)`` are passed to the step.
+
+  ``taps``: optional feats the objective needs that the model computes only on request
+  (``gpt``'s ``attn{i}`` / ``values{i}``).
+  """
   name: str
   graphdef: nnx.GraphDef
+  taps: tuple[str, ...] = ()
 
 
-def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.Array) -> list[ModelOutput]:
+def forward(model: nnx.Module, x: jax.Array, *, train: bool, taps: Sequence[str] = ()) -> ModelOutput:
+  """``model(x)`` as a :class:`ModelOutput`, asking for the optional ``taps`` and, for models with
+  an ``unembedding()`` (``gpt``), carrying that ``[D, V]`` matrix (fused token distillation reads it)."""
+  logits, feats = model(x, train=train, taps=tuple(taps)) if taps else model(x, train=train)
+  unembedding = model.unembedding() if callable(getattr(model, "unembedding", None)) else None
+  return ModelOutput(logits, feats, unembedding)
+
+
+def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.Array, *,
+                 with_taps: bool = True) -> list[ModelOutput]:
   outs = []
   for teacher, v in zip(teachers, variables):
-    logits, feats = nnx.merge(teacher.graphdef, *v)(x, train=False)
-    outs.append(jax.lax.stop_gradient(ModelOutput(logits, feats)))
+    out = forward(nnx.merge(teacher.graphdef, *v), x, train=False, taps=teacher.taps if with_taps else ())
+    outs.append(jax.lax.stop_gradient(out))
   return outs
 
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
                     teachers: Sequence[Teacher], ema_decay: Callable[[jax.Array], jax.Array] | None = None,
                     *, term_grad_norms: bool = False, connector_warmup_steps: int = 0,
+                    task: tasklib.Task = tasklib.CLASSIFICATION, student_taps: Sequence[str] = (),
                     ) -> Callable[[TrainState, Sequence[Any], dict], tuple[TrainState, Metrics]]:
   """``step(state, teacher_variables, batch) -> (state, metrics)`` (not yet jitted).
+
+  The models read ``batch[task.input_key]``; the student is asked for ``student_taps``
+  (each teacher for its own ``Teacher.taps``); ``task.train_metrics`` adds e.g.
+  ``train/accuracy``.
 
   With ``ema_decay`` (``step -> decay``), the EMA of the learner's parameters
   in ``state.ema`` is the last teacher (named "ema") and is updated after the
@@ -64,16 +86,18 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
     raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {connector_warmup_steps!r}")
 
   def step(state: TrainState, teacher_variables: Sequence[Any], batch: dict) -> tuple[TrainState, Metrics]:
-    t_outs = run_teachers(teachers, teacher_variables, batch["image"])
+    x = batch[task.input_key]
+    t_outs = run_teachers(teachers, teacher_variables, x)
     if ema_decay is not None:
-      ema_logits, ema_feats = nnx.merge(graphdef, state.ema, state.rest).student(batch["image"], train=False)
-      t_outs.append(jax.lax.stop_gradient(ModelOutput(ema_logits, ema_feats)))
+      ema_student = nnx.merge(graphdef, state.ema, state.rest).student
+      t_outs.append(jax.lax.stop_gradient(forward(ema_student, x, train=False, taps=student_taps)))
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 
     def run(params, per_term: bool):
       learner = nnx.merge(graphdef, params, state.rest)
-      logits, feats = learner.student(batch["image"], train=True)
-      inputs = StepInputs(ModelOutput(logits, feats), t_outs, batch, state.step, key)
+      s_out = forward(learner.student, x, train=True, taps=student_taps)
+      logits = s_out.logits
+      inputs = StepInputs(s_out, t_outs, batch, state.step, key)
       if per_term:
         out, metrics, term_states = objective.term_losses(learner.connectors, inputs, state.term_states)
       else:
@@ -115,9 +139,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
     metrics["l2_grads"] = (optax.tree.norm(grads), ones)
     metrics["l2_params"] = (optax.tree.norm(params), ones)
     metrics["l2_updates"] = (optax.tree.norm(updates), ones)
-    mask = batch["mask"].astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    metrics["train/accuracy"] = (jnp.sum(correct * mask), jnp.sum(mask))
+    metrics.update(task.train_metrics(logits, batch))
     ema = state.ema
     if ema_decay is not None:
       decay = ema_decay(state.step)
@@ -130,53 +152,22 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], num_classes: int
+def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], task: tasklib.Task
                    ) -> Callable[[TrainState, Sequence[Any], dict, jax.Array], Metrics]:
   """``eval_step(state, teacher_variables, batch, logit_offset) -> metrics`` of the student.
 
-  Metrics: ``test/accuracy``, ``test/ce``, per-class error counts
-  ``test/errors_per_class`` (``[C]``), and against the first teacher
-  ``agreement/top1`` and ``test/kl_teacher`` (KL(p_t || p_s) at T = 1); for
-  models with auxiliary exits (feats ``exit{i}_logits``) ``test/accuracy_exit{i}``
-  and ``test/accuracy_exits_ensemble`` (mean of the exits' probabilities).
-  ``logit_offset [C]`` is added to the student's logits (e.g. a bias correction).
+  The metrics are the task's (:meth:`kdlab.train.tasks.Task.eval_metrics`), computed
+  against the first teacher when there is one. ``logit_offset [C]`` is added to the
+  student's logits (e.g. a bias correction).
   """
 
   def eval_step(state: TrainState, teacher_variables: Sequence[Any], batch: dict,
                 logit_offset: jax.Array) -> Metrics:
     learner = nnx.merge(graphdef, state.params, state.rest)
-    logits, feats = learner.student(batch["image"], train=False)
-    logits = logits.astype(jnp.float32) + logit_offset
-    mask = batch["mask"].astype(jnp.float32)
-    count = jnp.sum(mask)
-    pred = jnp.argmax(logits, -1)
-    wrong = (pred != batch["label"]).astype(jnp.float32) * mask
-    log_p = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(log_p, batch["label"][:, None], -1)[:, 0]
-    per_class = jax.ops.segment_sum(wrong, batch["label"], num_segments=num_classes)
-    metrics: Metrics = {
-        "test/accuracy": (count - jnp.sum(wrong), count),
-        "test/errors": (jnp.sum(wrong), jnp.ones((), jnp.float32)),
-        "test/errors_per_class": (per_class, jnp.ones((), jnp.float32)),
-        "test/ce": (jnp.sum(nll * mask), count),
-    }
-    exits = sorted(k for k in feats if k.startswith("exit") and k.endswith("_logits"))
-    if exits:  # Models with auxiliary exits (BYOT): each exit's accuracy and the ensemble of all exits.
-      all_log_p = [jax.nn.log_softmax(feats[k].astype(jnp.float32)) for k in exits] + [log_p]
-      for k, exit_log_p in zip(exits, all_log_p):
-        right = (jnp.argmax(exit_log_p, -1) == batch["label"]).astype(jnp.float32)
-        metrics[f"test/accuracy_{k.removesuffix('_logits')}"] = (jnp.sum(right * mask), count)
-      ensemble = jax.nn.logsumexp(jnp.stack(all_log_p), axis=0)
-      right = (jnp.argmax(ensemble, -1) == batch["label"]).astype(jnp.float32)
-      metrics["test/accuracy_exits_ensemble"] = (jnp.sum(right * mask), count)
-    if teachers:
-      t_logits = run_teachers(teachers[:1], teacher_variables[:1], batch["image"])[0].logits.astype(jnp.float32)
-      log_q = jax.nn.log_softmax(t_logits)
-      kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), -1)
-      agree = (jnp.argmax(t_logits, -1) == pred).astype(jnp.float32)
-      metrics["agreement/top1"] = (jnp.sum(agree * mask), count)
-      metrics["test/kl_teacher"] = (jnp.sum(kl * mask), count)
-    return metrics
+    x = batch[task.input_key]
+    s_out = forward(learner.student, x, train=False)
+    t_out = run_teachers(teachers[:1], teacher_variables[:1], x, with_taps=False)[0] if teachers else None
+    return task.eval_metrics(s_out, t_out, batch, logit_offset)
 
   return eval_step
 

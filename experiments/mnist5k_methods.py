@@ -1,0 +1,477 @@
+"""Every distillation method of kdlab on real data: resnet14 -> resnet8 on mnist5k, 3 seeds each.
+
+The settings are those of ``configs/mnist5k_resnet.py``: the from-scratch student (CE only) and one
+setting per method of its ``METHODS`` (the CRD table of RepDistiller, DKD, and kdlab's other terms
+that apply to a CNN classifier), each with RepDistiller's / mdistiller's weights. Run everything
+(teacher, sweep, table and chart; about 30 minutes on 2 quiet CPU cores) with
+
+  .venv/bin/python experiments/mnist5k_methods.py [--parallel 2] [--root runs/mnist5k_methods]
+
+which is
+
+  kdlab train --config=configs/mnist5k_resnet.py:teacher --workdir=ROOT/teacher
+  kdlab sweep --config=configs/mnist5k_resnet.py:kd,teacher=ROOT/teacher/checkpoints \\
+      --sweep=experiments/mnist5k_methods.py:teacher=ROOT/teacher/checkpoints --workdir=ROOT/sweep --parallel=2
+
+and then writes ``experiments/results/mnist5k_methods/{results.md,results.csv,methods.png}``.
+Then ``--diagnostics`` runs the diagnostic settings of :data:`DIAGNOSTICS` (other weights or stages
+for the methods that end below the from-scratch student, with per-term gradient norms logged)
+into ``ROOT/diagnostics`` and adds their table. ``--report-only`` rewrites the files from
+the runs on disk. Every step resumes: rerun the same command after an interruption. ``--quick`` is
+a smoke test on ``digits`` (1 seed, 1 epoch, small batches) whose files go to ``ROOT/quick``.
+
+As a sweep file, ``get_sweep("OPTIONS")`` is a ``list`` sweep: one entry per method, each setting
+the fields in which that method's config differs from the ``kd`` config (``method``, ``objective``,
+and where needed ``teachers``, ``connector_warmup_steps``, ``train.num_epochs``). ``OPTIONS`` are the
+config options (``epochs=N``, ``teacher=DIR``, ...; the sweep's ``--config`` must be ``:kd`` with the
+same options) plus ``methods=a/b`` and ``seeds=0/1`` to run a subset, and ``diagnostics`` for the
+diagnostic settings instead of the methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = "configs/mnist5k_resnet.py"
+SWEEP = "experiments/mnist5k_methods.py"
+RESULTS = "experiments/results/mnist5k_methods"
+SEEDS = [0, 1, 2]
+# Fields a method's config may differ in from the kd config; the sweep overrides exactly these.
+FIELDS = ("teachers", "objective", "connector_warmup_steps", "train.num_epochs", "train.checkpoint_every_epochs")
+SWEEP_OPTIONS = ("methods", "seeds", "diagnostics")
+
+
+def _term(objective: list[dict[str, Any]], loss: str) -> dict[str, Any]:
+  return next(t for t in objective if t["loss"] == loss)
+
+
+def _set_weight(loss: str, weight: float) -> Callable[[Any], None]:
+  def edit(config: Any) -> None:
+    _term(config.objective, loss)["weight"] = weight
+  return edit
+
+
+def _no_init_loss(config: Any) -> None:
+  """ab / fsp with their init stage kept but its loss removed: CE only, after the same idle steps."""
+  config.objective = [t for t in config.objective if t["loss"] == "ce"]
+
+
+# Diagnostic settings: name -> (method, what changes, edit of that method's config). Run with
+# per-term gradient norms logged (config.train.term_grad_norms).
+DIAGNOSTICS: dict[str, tuple[str, str, Callable[[Any], None]]] = {
+    "at": ("at", "as in the table (weight 1000), gradient norms logged", lambda c: None),
+    "at, weight 100": ("at", "AT weight 1000 -> 100", _set_weight("at", 100.0)),
+    "at, weight 10": ("at", "AT weight 1000 -> 10", _set_weight("at", 10.0)),
+    "ab/fsp init stage, no loss": ("ab", "the init stage's steps kept (student idle), no AB loss: the "
+                                   "control for ab and fsp", _no_init_loss),
+    "jsd": ("jsd", "as in the table (0.1 CE + 0.9 JSD), gradient norms logged", lambda c: None),
+    "jsd, CE weight 1": ("jsd", "CE weight 0.1 -> 1", _set_weight("ce", 1.0)),
+}
+
+
+def _config_module():
+  from kdlab import config as kconfig
+  return kconfig.load_python_file(ROOT / CONFIG, "kdlab_config")
+
+
+def _split(arg: str | None) -> tuple[str, dict[str, str]]:
+  """``"epochs=3,methods=kd/at,seeds=0"`` -> (config options ``"epochs=3"``, sweep options)."""
+  config_opts, sweep_opts = [], {}
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key in SWEEP_OPTIONS:
+      sweep_opts[key] = value
+    else:
+      config_opts.append(part)
+  return ",".join(config_opts), sweep_opts
+
+
+def _get(config: Any, path: str) -> Any:
+  node = config
+  for key in path.split("."):
+    node = node[key]
+  return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def _plain(value: Any) -> Any:
+  return json.loads(json.dumps(value))
+
+
+def get_sweep(arg: str | None = None) -> dict[str, Any]:
+  config_opts, sweep_opts = _split(arg)
+  module = _config_module()
+  suffix = "," + config_opts if config_opts else ""
+  base = module.get_config("kd" + suffix)
+  settings = []  # (name, config)
+  if "diagnostics" in sweep_opts:
+    for name, (method, _, edit) in DIAGNOSTICS.items():
+      config = module.get_config(method + suffix)
+      edit(config)
+      config.method = name
+      settings.append((name, config))
+  else:
+    methods = ["student", *module.METHODS]
+    if sweep_opts.get("methods"):
+      methods = sweep_opts["methods"].split("/")
+      unknown = [m for m in methods if m not in ("student", *module.METHODS)]
+      if unknown:
+        raise ValueError(f"methods: unknown {unknown}; choose from student, {', '.join(module.METHODS)}")
+    settings = [(m, module.get_config(m + suffix)) for m in methods]
+  entries = []
+  for name, config in settings:
+    entry = {"method": name}
+    for field in FIELDS:
+      value = _plain(_get(config, field))
+      if value != _plain(_get(base, field)):
+        entry[field] = value
+    entries.append(entry)
+  seeds = [int(s) for s in sweep_opts["seeds"].split("/")] if sweep_opts.get("seeds") else SEEDS
+  name = "mnist5k_methods" + ("_diagnostics" if "diagnostics" in sweep_opts else "")
+  return {"name": name, "seeds": seeds, "list": entries, "labels": {"method": "method"}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running it.
+
+class LoadSampler:
+  """Samples the 1-minute load average every ``every`` seconds in a background thread."""
+
+  def __init__(self, every: float = 15.0):
+    self.samples: list[float] = []
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+  def _run(self, every: float) -> None:
+    while True:
+      self.samples.append(os.getloadavg()[0])
+      if self._stop.wait(every):
+        return
+
+  def __enter__(self) -> LoadSampler:
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
+def _cpu_s() -> float:
+  """CPU seconds (user + system) of every finished child process so far (sweep workers included)."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+  print("+", shlex.join(cmd), flush=True)
+  start, cpu = time.time(), _cpu_s()
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+  return {"wall_s": time.time() - start, "cpu_s": _cpu_s() - cpu}
+
+
+def _timed(name: str, cmds: list[list[str]], env: dict[str, str], root: pathlib.Path, parallel: int) -> None:
+  """Runs ``cmds`` in order, sampling the load; records wall and CPU time in ``root/timing.json``."""
+  start = time.time()
+  with LoadSampler() as load:
+    steps = [_run(cmd, env) for cmd in cmds]
+  path = root / "timing.json"
+  timing = json.loads(path.read_text()) if path.exists() else {}
+  timing[name] = dict(total_s=time.time() - start, steps=steps, load=load.samples, cores=os.cpu_count(),
+                      parallel=parallel, commands=[shlex.join(["kdlab", *c[3:]]) for c in cmds],
+                      finished=time.strftime("%Y-%m-%d %H:%M"))
+  path.write_text(json.dumps(timing, indent=2))
+
+
+def _short(path: pathlib.Path) -> pathlib.Path:
+  """``path`` relative to the repository when it is inside it (the commands run from there)."""
+  return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--root", default="runs/mnist5k_methods", help="where the runs go")
+  parser.add_argument("--parallel", type=int, default=2, help="sweep worker processes")
+  parser.add_argument("--options", default="", help="extra config options, e.g. epochs=4")
+  parser.add_argument("--quick", action="store_true", help="smoke test on digits, 1 seed")
+  parser.add_argument("--diagnostics", action="store_true", help="run the diagnostic settings (after the methods)")
+  parser.add_argument("--report-only", action="store_true", help="only rewrite the results from the runs")
+  parser.add_argument("--out", default=RESULTS, help="where results.md, results.csv and the chart go")
+  args = parser.parse_args(argv)
+
+  root = (ROOT / args.root / ("quick" if args.quick else "")).resolve()
+  opts = [o for o in args.options.split(",") if o]
+  if args.quick:
+    opts = ["source=digits", "quick", *opts]
+  teacher_dir = _short(root / "teacher")
+  config_opts = ",".join([*opts, f"teacher={teacher_dir}/checkpoints"])
+  seeds = ",seeds=0" if args.quick else ""
+  kdlab = [sys.executable, "-m", "kdlab"]
+  sweep = lambda name, extra, flags: [
+      *kdlab, "sweep", f"--config={CONFIG}:kd,{config_opts}", f"--sweep={SWEEP}:{config_opts}{seeds}{extra}",
+      f"--workdir={_short(root / name)}", f"--parallel={args.parallel}", "--nowandb", *flags]
+  teacher_cmd = [*kdlab, "train", f"--config={CONFIG}:" + ",".join(["teacher", *opts]),
+                 f"--workdir={teacher_dir}", "--nowandb", "--no-progress"]
+  # Runs of one setting differ only in their seed and compile the same programs (so do many of the
+  # settings' model initializations): a persistent compilation cache saves the later ones compiling.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  root.mkdir(parents=True, exist_ok=True)
+  if args.diagnostics:
+    _timed("diagnostics", [sweep("diagnostics", ",diagnostics", ["--config.train.term_grad_norms=True"])], env,
+           root, args.parallel)
+  elif not args.report_only:
+    _timed("methods", [teacher_cmd, sweep("sweep", "", [])], env, root, args.parallel)
+  out = root / "results" if args.quick else ROOT / args.out
+  write_results(root, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table and the chart.
+
+# Paper of each method (docs/losses.md), for the table.
+PAPERS = {
+    "kd": "Hinton et al. 2015", "fitnet": "Romero et al. 2015", "at": "Zagoruyko & Komodakis 2017",
+    "sp": "Tung & Mori 2019", "cc": "Peng et al. 2019", "vid": "Ahn et al. 2019", "rkd": "Park et al. 2019",
+    "pkt": "Passalis & Tefas 2018", "ab": "Heo et al. 2019", "ft": "Kim et al. 2018", "fsp": "Yim et al. 2017",
+    "nst": "Huang & Wang 2017", "crd": "Tian et al. 2020", "crd+kd": "Tian et al. 2020", "dkd": "Zhao et al. 2022",
+    "reverse_kl": "Gu et al. 2024 (MiniLLM)", "jsd": "Agarwal et al. 2024 (GKD)", "tvd": "Wen et al. 2023",
+    "logit_l2": "Ba & Caruana 2014", "hard_ce": "pseudo-labels", "info_nce": "Oord et al. 2018 (in-batch)",
+}
+# What the diagnostics showed for the methods whose mean ends below the from-scratch student's.
+NOTES: dict[str, str] = {}
+
+
+def _weight(w: Any) -> str:
+  if isinstance(w, dict):  # A schedule: a switch at a step, or a linear ramp.
+    if w.get("steps") == 1 and "transition_begin" in w:
+      return f"[{w['init']:g} for {w['transition_begin'] + 1} steps, then {w['end']:g}]"
+    return f"[{w.get('init', 0):g} -> {w.get('end', 0):g} over {w.get('steps')} steps]"
+  return f"{w:g}"
+
+
+_SHORT = {"temperature": "T", "student": "taps"}
+
+
+def _terms(objective: list[dict[str, Any]]) -> str:
+  """``0.1 x ce; 0.9 x kd (T=4)``: weights, losses, taps and hyperparameters."""
+  out = []
+  for t in objective:
+    extra = []
+    for k, v in t.items():
+      if k in ("loss", "weight", "name"):
+        continue
+      if isinstance(v, list):
+        v = "/".join("+".join(x) if isinstance(x, list) else str(x) for x in v)
+      elif isinstance(v, float):
+        v = f"{v:g}"
+      extra.append(f"{_SHORT.get(k, k)}={v}")
+    out.append(f"{_weight(t['weight'])} x {t['loss']}" + (f" ({', '.join(extra)})" if extra else ""))
+  return "; ".join(out)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  import numpy as np
+  a = 100 * np.asarray(values, float)
+  return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+
+
+def _grad_ratio(run_dir: pathlib.Path) -> float | None:
+  """Median over the logged windows of ||grad of the distillation terms|| / ||grad of CE|| (weighted
+  gradients, both nonzero), from ``grad_norm/<term>`` (config.train.term_grad_norms)."""
+  import numpy as np
+  from kdlab.train.logging import read_metrics
+  ratios = []
+  for m in read_metrics(run_dir):
+    ce = m.get("grad_norm/ce")
+    other = sum(v for k, v in m.items() if k.startswith("grad_norm/") and k != "grad_norm/ce")
+    if ce and other:
+      ratios.append(other / ce)
+  return float(np.median(ratios)) if ratios else None
+
+
+def collect(sweep_dir: pathlib.Path) -> list[dict[str, Any]]:
+  """One row per setting of a sweep: its method, objective and its finished seeds' summaries."""
+  from kdlab import sweep as ksweep
+  sweep = ksweep.load(sweep_dir)
+  by_setting = ksweep.summaries(sweep_dir, sweep)
+  rows = []
+  for setting in sweep.settings:
+    runs = by_setting[setting.name]
+    dirs = [sweep_dir / setting.name / f"seed={seed}" for seed, _ in runs]
+    config = json.loads((dirs[0] / "config.json").read_text()) if dirs else None
+    ratios = [r for r in map(_grad_ratio, dirs) if r is not None]
+    rows.append(dict(method=setting.values["method"], seeds=[s for s, _ in runs], config=config,
+                     acc=[s["test_accuracy"] for _, s in runs],
+                     agreement=[s["agreement_top1"] for _, s in runs if s.get("agreement_top1") is not None],
+                     wall=[s["wall_time_s"] for _, s in runs], grad_ratio=ratios))
+  return rows
+
+
+def _row(name: str, about: str, r: dict[str, Any], base: float | None, last: str) -> str:
+  """A table row: name, paper (or what changes), objective, accuracy, vs scratch, agreement, seeds,
+  seconds per run, and ``last`` (a note, or the gradient-norm ratio)."""
+  import numpy as np
+  if not r["acc"]:
+    return f"| {name} | {about} | - | not run | | | 0 | | {last} |"
+  mean, std = _mean_std(r["acc"])
+  delta = "" if base is None else f"{mean - base:+.2f}"
+  agree = f"{100 * np.mean(r['agreement']):.2f}" if r["agreement"] else "-"
+  cells = [name, about, _terms(r["config"]["objective"]), f"{mean:.2f} +/- {std:.2f}", delta, agree,
+           str(len(r["acc"])), f"{np.mean(r['wall']):.0f}", last]
+  return "| " + " | ".join(cells) + " |"
+
+
+def methods_table(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> list[str]:
+  scratch = next((r for r in rows if r["method"] == "student" and r["acc"]), None)
+  base = _mean_std(scratch["acc"])[0] if scratch else None
+  lines = ["| method | paper | objective: weight x loss (taps, hyperparameters) | test accuracy (%) | "
+           "vs scratch (pp) | agreement with teacher (%) | seeds | s per run | note |",
+           "|---|---|---|--:|--:|--:|--:|--:|---|"]
+  if teacher:
+    t = teacher["summary"]
+    acc = 100 * t["test_accuracy"]
+    lines.append(f"| **teacher** ({teacher['model']}) | - | 1 x ce, {teacher['epochs']:g} epochs | {acc:.2f} | "
+                 f"{'' if base is None else f'{acc - base:+.2f}'} | - | 1 | {t['wall_time_s']:.0f} | |")
+  for r in rows:
+    if r["method"] == "student":
+      name = f"**student from scratch** ({r['config']['model']['name'] if r['config'] else ''})"
+      lines.append(_row(name, "-", r, None, ""))
+      continue
+    note = NOTES.get(r["method"], "")
+    if base is not None and r["acc"] and _mean_std(r["acc"])[0] < base and not note:
+      note = "below scratch; not investigated"
+    lines.append(_row(r["method"], PAPERS.get(r["method"], "-"), r, base, note))
+  return lines
+
+
+def diagnostics_table(rows: list[dict[str, Any]], base: float | None) -> list[str]:
+  lines = ["| diagnostic | what changes | objective | test accuracy (%) | vs scratch (pp) | "
+           "agreement with teacher (%) | seeds | s per run | grad-norm ratio distill / CE |",
+           "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+  import numpy as np
+  for r in rows:
+    ratio = f"{np.mean(r['grad_ratio']):.2f}" if r["grad_ratio"] else "-"
+    lines.append(_row(r["method"], DIAGNOSTICS[r["method"]][1] if r["method"] in DIAGNOSTICS else "", r, base, ratio))
+  return lines
+
+
+def chart(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, out: pathlib.Path, title: str) -> None:
+  """Horizontal bars of test error (%) from zero, std error bars, a dot per seed (as kdlab report's)."""
+  import numpy as np
+  from matplotlib.figure import Figure
+  done = sorted((r for r in rows if r["acc"]), key=lambda r: -np.mean(r["acc"]))
+  labels = ["from scratch" if r["method"] == "student" else r["method"] for r in done]
+  errors = [100 * (1 - np.asarray(r["acc"])) for r in done]
+  mean = np.asarray([e.mean() for e in errors])
+  std = np.asarray([e.std(ddof=1) if len(e) > 1 else 0.0 for e in errors])
+  fig = Figure(figsize=(7.5, 1.6 + 0.3 * len(done)), layout="constrained")
+  ax = fig.subplots()
+  y = np.arange(len(done))
+  ax.barh(y, mean, xerr=std, color=["tab:orange" if r["method"] == "student" else "tab:blue" for r in done],
+          alpha=0.75, capsize=3)
+  for k, e in enumerate(errors):
+    ax.plot(e, np.full(len(e), y[k]), "k.", ms=4, label="one seed" if k == 0 else None)
+  scratch = [m for m, r in zip(mean, done) if r["method"] == "student"]
+  if scratch:
+    ax.axvline(scratch[0], color="tab:orange", ls="--", lw=1, label="student from scratch (mean)")
+  if teacher:
+    ax.axvline(100 * (1 - teacher["summary"]["test_accuracy"]), color="tab:green", lw=1.5,
+               label=f"teacher ({teacher['model']})")
+  ax.set_yticks(y, labels, fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel("last-epoch test error (%) on the 1,000 test digits: bar = mean, error bar = std over seeds",
+                fontsize=8)
+  ax.set_xlim(left=0)
+  ax.grid(axis="x", alpha=0.3)
+  ax.legend(fontsize=7, loc="upper right")
+  ax.set_title(title, fontsize=10)
+  fig.savefig(out, dpi=110)
+
+
+def _timing_lines(t: dict[str, Any], runs: int, what: str) -> list[str]:
+  import numpy as np
+  load = np.asarray(t["load"] or [np.nan])
+  cpu = sum(s["cpu_s"] for s in t["steps"])
+  return [
+      f"- {what}: {runs} runs, {t['parallel']} sweep worker processes on {t['cores']} CPU cores (AMD EPYC, "
+      f"no GPU), finished {t['finished']}: **{t['total_s'] / 60:.1f} min wall** "
+      f"({', '.join(f'{s['wall_s'] / 60:.1f}' for s in t['steps'])} min for the commands below, in order).",
+      f"- Machine load meanwhile (1-minute load average every 15 s, other engineers' jobs included): mean "
+      f"{np.nanmean(load):.1f}, min {np.nanmin(load):.1f}, max {np.nanmax(load):.1f}.",
+      f"- CPU time of all its processes: {cpu / 60:.1f} min (user + system), i.e. "
+      f"{cpu / 60 / t['cores']:.1f} min of the {t['cores']} cores if nothing else ran.",
+      "", "```sh", *[f".venv/bin/{c}" for c in t["commands"]], "```", ""]
+
+
+def write_results(root: pathlib.Path, out: pathlib.Path) -> None:
+  """``out/results.md``, ``out/results.csv`` and ``out/methods.png`` from the runs under ``root``."""
+  from kdlab import sweep as ksweep
+  out.mkdir(parents=True, exist_ok=True)
+  teacher = None
+  if (root / "teacher" / "summary.json").exists():
+    config = json.loads((root / "teacher" / "config.json").read_text())
+    teacher = dict(summary=json.loads((root / "teacher" / "summary.json").read_text()),
+                   model=config["model"]["name"], epochs=config["train"]["num_epochs"])
+  rows = collect(root / "sweep")
+  (out / "results.csv").write_text(ksweep.results_csv(root / "sweep", ksweep.load(root / "sweep")))
+  scratch = next((r for r in rows if r["method"] == "student" and r["acc"]), None)
+  student = scratch["config"] if scratch else None
+  chart(rows, teacher, out / "methods.png",
+        f"mnist5k, {teacher['model'] if teacher else 'teacher'} -> "
+        f"{student['model']['name'] if student else 'student'}: every kdlab distillation method")
+  timing_path = root / "timing.json"
+  timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+  runs = sum(len(r["acc"]) for r in rows)
+  lines = ["# Every distillation method on real data: resnet14 -> resnet8 on mnist5k", "",
+           "Written by `experiments/mnist5k_methods.py` (its docstring says what it runs). Each method is a "
+           "variant of `configs/mnist5k_resnet.py` (`kdlab train --config=configs/mnist5k_resnet.py:METHOD`), "
+           "whose `method_objective` gives the weights, taps and where each comes from.", ""]
+  if student:
+    opt = student["optimizer"]
+    lines += [
+        "**Protocol.** mnist5k: 5,000 real MNIST digits, stratified 4,000 train / 1,000 test (one test error = "
+        f"0.1 pp). Teacher: the zoo's CIFAR `{teacher['model'] if teacher else '?'}` with `in_channels=1`, CE, "
+        f"trained once. Student: `{student['model']['name']}`, trained from scratch (CE only) or distilled by one "
+        f"method, seeds {', '.join(map(str, SEEDS))} (initialization, data order, augmentation). Every student: SGD "
+        f"momentum {opt['momentum']}, weight decay {opt['weight_decay']:g}, batch {student['data']['batch_size']}, "
+        f"lr {opt['learning_rate']:g} {opt['schedule']}-decayed over {student['train']['num_epochs']:g} epochs, "
+        "+/-2 pixel jitter (teacher and student see the same view). Weights, taps and temperatures are RepDistiller's "
+        "for its resnet32x4 -> resnet8x4 CIFAR-100 scripts (`-r` CE, `-a` KD at T = 4, `-b` the method) and "
+        "mdistiller's for DKD; ab, fsp and ft first run RepDistiller's init stage for 30/240 of the epochs on "
+        "top of them (ab and fsp then train with CE alone, as RepDistiller). The methods outside the CRD table: "
+        "reverse_kl and jsd with KD's recipe, the others with CE weight 1 and the weight of `docs/losses.md`. "
+        "`attention_kl` / `value_relation` need transformer attention maps and do not apply to a CNN; "
+        "`top_k_agreement` is a metric.", "",
+        "Test accuracy is the last epoch's (no selection on the test set), mean +/- sample std over the seeds; "
+        "\"vs scratch\" is the difference of means in percentage points; agreement is top-1 agreement with the "
+        "teacher on the test set; \"s per run\" is one run's wall time with start-up and compilation, on the "
+        "loaded machine described below.", ""]
+  lines += [*methods_table(rows, teacher), "", "![test error per method](methods.png)", ""]
+  if "methods" in timing:
+    lines += ["## Time and machine", "", *_timing_lines(timing["methods"], runs + 1, "Teacher and sweep")]
+  if (root / "diagnostics" / "sweep.json").exists():
+    diag = collect(root / "diagnostics")
+    lines += ["## Diagnostics of the methods below the from-scratch student", "",
+              "The same protocol and seeds, with `config.train.term_grad_norms=True`: the last column is the "
+              "norm of the distillation terms' weighted gradient over that of the CE term (median over the "
+              "logged windows with both nonzero, mean over the seeds).", "",
+              *diagnostics_table(diag, _mean_std(scratch["acc"])[0] if scratch else None), ""]
+    if "diagnostics" in timing:
+      lines += _timing_lines(timing["diagnostics"], sum(len(r["acc"]) for r in diag), "Diagnostics")
+  lines += ["Per run: `results.csv` (every seed's summary).", ""]
+  (out / "results.md").write_text("\n".join(lines))
+  print(f"wrote {out / 'results.md'}, {out / 'methods.png'} and {out / 'results.csv'}")
+
+
+if __name__ == "__main__":
+  main()

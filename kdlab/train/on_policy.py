@@ -1,0 +1,370 @@
+"""On-policy distillation: some train batches are the student's own samples (GKD, MiniLLM).
+
+``config.on_policy = dict(fraction=lambda_, max_new_tokens=N, temperature=T, prompt_len=P,
+top_k=None, top_p=None)`` (Agarwal et al. 2024, "On-Policy Distillation of Language Models";
+Gu et al. 2024, "MiniLLM"). At every step a Bernoulli(``fraction``) draw decides whether the
+batch is on-policy. If it is, :func:`rollout` replaces it: the first ``P`` tokens of each training
+sequence are the prompt, the student (eval mode, no gradient) samples ``N`` tokens after it with
+:func:`kdlab.generate.generate`, and the batch becomes
+
+  tokens      ``[B, L]``  prompt + generated tokens, padded with EOD (0) to the data's ``seq_len`` L
+  targets     ``[B, L]``  the next token of ``tokens``
+  token_mask  ``[B, L]``  1 exactly where the target is a student-generated token (``N`` per row)
+  index, mask             kept
+
+so the same compiled train step runs on it: the teachers score the generated tokens inside the
+step as usual, and the token-level terms (``kd``, ``reverse_kl``, ``jsd`` with ``beta``, ``tvd``)
+average over the generated tokens only (their per-sequence mean over ``token_mask``). The other
+batches are off-policy: the data, or teacher samples when ``config.data.source`` is a generated
+dataset (``generated:DIR``, :mod:`kdlab.data.generated`). As in GKD, no gradient flows through
+the sampling: the divergence is differentiated w.r.t. the student's token distributions at the
+sampled prefixes (MiniLLM's single-step term; its policy-gradient term over long-term rewards is
+not implemented).
+
+Determinism: step ``s`` of seed ``k`` is on-policy iff ``uniform(k, s) < fraction`` with a numpy
+generator seeded by ``(k, s)``, and samples with ``fold_in(fold_in(key(k), SALT), s)``: a resumed
+run redraws the same choices and tokens. ``fraction=0`` never calls the generator: the run equals
+the off-policy one exactly. Metrics: ``on_policy/fraction`` (share of on-policy batches in the
+logging window) and ``time/generate_fraction`` (share of the step wall time spent generating;
+the first step, which compiles the train step and the rollout, is left out).
+
+:func:`teacher_nll_of_samples` is the sample-quality measure of the on-policy papers: the
+teacher's per-token NLL of the student's own continuations of held-out prompts;
+:func:`evaluate_samples` computes it for a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kdlab.errors import UserError
+
+FIELD = "config.on_policy"
+SALT = 0x6F6E5F70  # "on_p": separates the on-policy streams from the run's other uses of its seed
+PAD = 0  # the byte tokenizer's end-of-document token (kdlab.data.text.ByteTokenizer.EOD)
+_KEYS = ("fraction", "max_new_tokens", "temperature", "prompt_len", "top_k", "top_p")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+  """Validated ``config.on_policy`` (hashable: a static argument of the jitted rollout).
+
+  ``seq_len`` is the data's tokens per sequence ``L``; ``prompt_len + max_new_tokens <= seq_len``.
+  """
+  fraction: float
+  max_new_tokens: int
+  temperature: float
+  prompt_len: int
+  seq_len: int
+  top_k: int | None = None
+  top_p: float | None = None
+
+
+def _number(value: Any) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def _int(value: Any) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def generation_fields(spec: dict[str, Any], *, field: str, allowed: Sequence[str], max_len: int | None,
+                      seq_len: int, context: str = "the student's") -> tuple[int, float, int, int | None, float | None]:
+  """Checks the sampling fields shared by ``config.on_policy`` and ``config.generate_data``.
+
+  Returns ``(max_new_tokens, temperature, prompt_len, top_k, top_p)``; ``prompt_len`` defaults to
+  ``seq_len - max_new_tokens``. Raises a one-line :class:`UserError` naming ``field.KEY``.
+  """
+  unknown = sorted(set(spec) - set(allowed))
+  if unknown:
+    raise UserError(f"{field}.{unknown[0]}: unknown field; use {', '.join(allowed)}")
+  n = spec.get("max_new_tokens")
+  if not _int(n) or n <= 0:
+    raise UserError(f"{field}.max_new_tokens={n!r}: must be an int >= 1 (tokens generated per sequence)")
+  temperature = spec.get("temperature", 1.0)
+  if not _number(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+    raise UserError(f"{field}.temperature={temperature!r}: must be a number >= 0 (0 = greedy)")
+  top_k, top_p = spec.get("top_k"), spec.get("top_p")
+  if top_k is not None and (not _int(top_k) or top_k < 1):
+    raise UserError(f"{field}.top_k={top_k!r}: must be an int >= 1 or None")
+  if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
+    raise UserError(f"{field}.top_p={top_p!r}: must be in (0, 1] or None")
+  prompt_len = spec.get("prompt_len")
+  if prompt_len is None:
+    prompt_len = seq_len - n
+    if prompt_len < 1:
+      raise UserError(f"{field}.max_new_tokens={n}: leaves no prompt in sequences of config.data.seq_len="
+                      f"{seq_len} tokens; use max_new_tokens < {seq_len}")
+  elif not _int(prompt_len) or prompt_len < 1:
+    raise UserError(f"{field}.prompt_len={prompt_len!r}: must be an int >= 1 or None (seq_len - max_new_tokens)")
+  if max_len is not None and prompt_len + n > max_len:
+    raise UserError(f"{field}: prompt longer than the model's context: prompt_len {prompt_len} + "
+                    f"max_new_tokens {n} > {context} max_len={max_len}; lower prompt_len or max_new_tokens")
+  if prompt_len + n > seq_len:
+    raise UserError(f"{field}: prompt_len {prompt_len} + max_new_tokens {n} > config.data.seq_len={seq_len}; "
+                    f"lower prompt_len or max_new_tokens (or leave prompt_len unset: seq_len - max_new_tokens)")
+  return (int(n), float(temperature), int(prompt_len), None if top_k is None else int(top_k),
+          None if top_p is None else float(top_p))
+
+
+def parse(config: Any, *, max_len: int | None, seq_len: int) -> OnPolicy | None:
+  """Checks ``config.on_policy`` (None or empty: off); ``max_len`` is the student's context.
+
+  Raises:
+    UserError: one line naming the field: unknown keys, ``fraction`` outside [0, 1],
+      ``max_new_tokens <= 0``, ``temperature < 0``, bad ``top_k``/``top_p``, or a prompt plus
+      ``max_new_tokens`` longer than the model's context or than ``config.data.seq_len``.
+  """
+  spec = config.get("on_policy") if hasattr(config, "get") else None
+  if not spec:
+    return None
+  spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+  unknown = sorted(set(spec) - set(_KEYS))
+  if unknown:
+    raise UserError(f"{FIELD}.{unknown[0]}: unknown field; use {', '.join(_KEYS)}")
+  fraction = spec.get("fraction")
+  if not _number(fraction) or not 0.0 <= float(fraction) <= 1.0:
+    raise UserError(f"{FIELD}.fraction={fraction!r}: must be a number in [0, 1] (lambda, the share of "
+                    f"on-policy batches)")
+  n, temperature, prompt_len, top_k, top_p = generation_fields(spec, field=FIELD, allowed=_KEYS, max_len=max_len,
+                                                               seq_len=seq_len)
+  return OnPolicy(fraction=float(fraction), max_new_tokens=n, temperature=temperature, prompt_len=prompt_len,
+                  seq_len=int(seq_len), top_k=top_k, top_p=top_p)
+
+
+def check(config: Any, task: Any, student: Any) -> OnPolicy | None:
+  """Start-up checks of ``config.on_policy`` against the task and the (abstract) student."""
+  if not config.get("on_policy"):
+    return None
+  from kdlab.train import tasks
+  if task is not tasks.LANGUAGE_MODEL:
+    raise UserError(f"{FIELD}: on-policy distillation needs a language model on a text source, but "
+                    f"config.data.source={config.data.source!r} is not one; set config.on_policy = None")
+  if not (hasattr(student, "init_cache") and hasattr(student, "decode")):
+    raise UserError(f"{FIELD}: the student ({config.model.name!r}) cannot generate (no KV cache); use a 'gpt' model")
+  if config.get("teacher_cache"):
+    raise UserError(f"{FIELD}: a teacher cache holds the teacher's outputs on the data, not on the student's "
+                    f"samples; unset config.teacher_cache (the teacher runs live) or config.on_policy")
+  return parse(config, max_len=getattr(student, "max_len", None), seq_len=int(config.data.seq_len))
+
+
+# --- the batch -----------------------------------------------------------------------------------
+
+def as_batch(tokens: jax.Array, generated: jax.Array, batch: dict[str, jax.Array], seq_len: int
+             ) -> dict[str, jax.Array]:
+  """A train batch from generated sequences.
+
+  Args:
+    tokens: ``[B, T]`` prompt + generated tokens (``T <= seq_len``).
+    generated: ``[B, T]`` bool, True at generated tokens.
+    batch: the data batch it replaces (``index``, ``mask`` and any other keys are kept).
+    seq_len: ``L``, the data's tokens per sequence.
+
+  Returns:
+    ``batch`` with ``tokens``/``targets`` int32 ``[B, L]`` (EOD-padded) and ``token_mask``
+    float32 ``[B, L]``, 1 where the target is a generated token.
+  """
+  pad = ((0, 0), (0, seq_len + 1 - tokens.shape[1]))
+  full = jnp.pad(tokens.astype(jnp.int32), pad, constant_values=PAD)
+  gen = jnp.pad(generated, pad)
+  return {**batch, "tokens": full[:, :seq_len], "targets": full[:, 1:],
+          "token_mask": gen[:, 1:].astype(jnp.float32)}
+
+
+def rollout_key(seed: jax.Array, step: jax.Array) -> jax.Array:
+  """The sampling key of ``step`` in the run of ``seed``."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SALT), step)
+
+
+def rollout(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: dict[str, jax.Array], key: jax.Array, *,
+            spec: OnPolicy) -> dict[str, jax.Array]:
+  """The on-policy version of ``batch``: the student continues each sequence's first ``P`` tokens.
+
+  ``graphdef``, ``params``, ``rest`` are the learner's (``state.params``, ``state.rest``; its
+  ``student`` generates, in eval mode, with no gradient). Shapes as :func:`as_batch`. Traceable
+  (jit it with ``graphdef`` and ``spec`` static, or call it inside a jitted function).
+  """
+  from kdlab.generate import generate
+  student = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest).student
+  out = generate(student, batch["tokens"][:, :spec.prompt_len], max_new_tokens=spec.max_new_tokens,
+                 temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, key=key)
+  return as_batch(jax.lax.stop_gradient(out.tokens), out.mask, batch, spec.seq_len)
+
+
+def is_on_policy(seed: int, step: int, fraction: float) -> bool:
+  """The per-step Bernoulli(``fraction``) draw of the run of ``seed`` (deterministic in ``(seed, step)``)."""
+  if fraction <= 0.0:
+    return False
+  if fraction >= 1.0:
+    return True
+  return bool(np.random.default_rng([SALT, int(seed) & 0xFFFFFFFF, int(step)]).random() < fraction)
+
+
+class Runner:
+  """Wraps the jitted train step: replaces the batch by a rollout on on-policy steps and adds metrics.
+
+  ``seeds``: the run's seed, or the seeds of a vmapped group (then every array has a leading seed
+  axis; the group generates when any seed's draw is on-policy and the others keep their data
+  batch, so each seed sees what its own run would).
+  """
+
+  def __init__(self, spec: OnPolicy, graphdef: nnx.GraphDef, seeds: Sequence[int], batch_sharding: Any):
+    self.spec, self.seeds = spec, [int(s) for s in seeds]
+    stacked = len(self.seeds) > 1
+    fn = functools.partial(rollout, graphdef, spec=spec)
+
+    def run(params, rest, batch, seeds, step, on):
+      if stacked:
+        new = jax.vmap(lambda p, r, b, s: fn(p, r, b, rollout_key(s, step)))(params, rest, batch, seeds)
+        return {k: jnp.where(on.reshape(-1, *[1] * (v.ndim - 1)), v, batch[k]) for k, v in new.items()}
+      return fn(params, rest, batch, rollout_key(seeds, step))
+
+    self._rollout = jax.jit(run, out_shardings=batch_sharding)
+    self._first = True
+
+  def wrap(self, train_step: Callable[..., Any]) -> Callable[..., Any]:
+    """``train_step(state, teacher_vars, batch)`` -> the same signature, on-policy where drawn.
+
+    The first call runs the rollout (when ``fraction > 0``) whatever its draw, so its compilation
+    stays in the first step, which the loop's speed figure and ``time/generate_fraction`` leave out.
+    """
+
+    def step(state: Any, teacher_vars: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, Any]]:
+      n = len(self.seeds)
+      first, self._first = self._first, False
+      index = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # this step's number - 1
+      on = np.array([is_on_policy(s, index, self.spec.fraction) for s in self.seeds])
+      args = (state.params, state.rest, batch, jnp.asarray(self.seeds if n > 1 else self.seeds[0], jnp.int32),
+              jnp.int32(index), jnp.asarray(on))
+      warm = self._rollout(*args) if first and self.spec.fraction > 0 and not on.any() else None
+      if warm is not None:
+        jax.block_until_ready(warm)  # compiled now; the samples are not used (a pure function of the inputs)
+      start = time.perf_counter()
+      generated = 0.0
+      if on.any():
+        batch = self._rollout(*args)
+        jax.block_until_ready(batch["tokens"])
+        generated = time.perf_counter() - start
+      state, metrics = train_step(state, teacher_vars, batch)
+      jax.block_until_ready(metrics)
+      total = time.perf_counter() - start
+      shape = (n,) if n > 1 else ()
+      metrics = dict(metrics)
+      metrics["on_policy/fraction"] = (on.astype(np.float32).reshape(shape), np.ones(shape, np.float32))
+      if not first:  # the first step compiles the train step (and the rollout)
+        metrics["time/generate_fraction"] = (np.full(shape, generated, np.float32), np.full(shape, total, np.float32))
+      return state, metrics
+
+    return step
+
+
+def build(configs: Sequence[Any], setup: Any, graphdef: nnx.GraphDef, batch_sharding: Any) -> Runner | None:
+  """The :class:`Runner` of a (group of) run(s), or None when ``config.on_policy`` is off."""
+  if not configs[0].get("on_policy"):
+    return None
+  spec = parse(configs[0], max_len=setup.student_kwargs.get("max_len"), seq_len=int(configs[0].data.seq_len))
+  if spec is None:
+    return None
+  return Runner(spec, graphdef, [c.seed for c in configs], batch_sharding)
+
+
+# --- the sample-quality measure ------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "max_new_tokens", "temperature",
+                                             "top_k", "top_p"))
+def _sample_nll(graphdef, state, teacher_graphdef, teacher_state, prompts, keys, *, max_new_tokens, temperature,
+                top_k, top_p):
+  """Per row: (teacher NLL sum, student NLL sum, generated tokens) ``[B]`` each."""
+  from kdlab.generate import generate
+  student = nnx.merge(graphdef, state)
+  teacher = nnx.merge(teacher_graphdef, teacher_state)
+  out = generate(student, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, key=keys)
+  targets, weights = out.tokens[:, 1:], out.mask[:, 1:].astype(jnp.float32)
+
+  def nll(model):
+    logits = model(out.tokens, train=False)[0][:, :-1].astype(jnp.float32)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+
+  return jnp.sum(nll(teacher) * weights, -1), jnp.sum(nll(student) * weights, -1), jnp.sum(weights, -1)
+
+
+def teacher_nll_of_samples(student: nnx.Module, teacher: nnx.Module, prompts: Any, *, max_new_tokens: int,
+                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                           key: Any = None, batch_size: int = 64) -> dict[str, float]:
+  """The teacher's per-token NLL of the student's own continuations of ``prompts``.
+
+  The student samples ``max_new_tokens`` tokens after each prompt (``prompts [N, P]``, all of
+  length ``P``; row ``i`` draws with ``fold_in(key, i)``, so the tokens do not depend on
+  ``batch_size``); the teacher scores them. Lower is better: the student writes what the teacher
+  finds likely (the quality measure of GKD / MiniLLM, with the teacher as the judge).
+
+  Returns:
+    ``teacher_nll`` (nats per generated token, under the teacher), ``student_nll`` (the same
+    tokens under the student: an estimate of its per-token entropy) and ``tokens`` (scored).
+  """
+  prompts = np.asarray(prompts, np.int32)
+  if prompts.ndim != 2 or len(prompts) == 0:
+    raise UserError(f"prompts: expected [N, P] token ids with N >= 1, got shape {prompts.shape}")
+  if not _int(batch_size) or batch_size < 1:
+    raise UserError(f"batch_size={batch_size!r}: must be an int >= 1")
+  key = jax.random.key(0) if key is None else key
+  graphdef, state = nnx.split(student)
+  t_graphdef, t_state = nnx.split(teacher)
+  totals = np.zeros(3)
+  for start in range(0, len(prompts), batch_size):
+    rows = np.arange(start, min(start + batch_size, len(prompts)))
+    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])  # one compiled batch size
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(padded))
+    sums = _sample_nll(graphdef, state, t_graphdef, t_state, prompts[padded], keys,
+                       max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                       top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p))
+    totals += np.array([np.asarray(x, np.float64)[: len(rows)].sum() for x in sums])
+  return {"teacher_nll": float(totals[0] / totals[2]), "student_nll": float(totals[1] / totals[2]),
+          "tokens": int(totals[2])}
+
+
+def evaluate_samples(workdir: str | pathlib.Path, *, max_new_tokens: int, prompt_len: int | None = None,
+                     num_prompts: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+  """:func:`teacher_nll_of_samples` of a finished LM run's student against its ``config.teachers[0]``.
+
+  Prompts are the first ``prompt_len`` (default ``seq_len - max_new_tokens``) tokens of the
+  validation sequences whose first ``prompt_len + max_new_tokens`` targets are all real text
+  (``num_prompts`` of them, in order; None for all). Returns its dict plus ``prompts``.
+  """
+  import json
+
+  import ml_collections
+
+  from kdlab.sample import load_lm
+  from kdlab.train import tasks
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if not config.get("teachers"):
+    raise UserError(f"--workdir={workdir}: the run has no config.teachers[0] to score its samples with")
+  teacher_dir = pathlib.Path(dict(config.teachers[0])["init"]).parent
+  seq_len = int(config.data.seq_len)
+  prompt_len = seq_len - max_new_tokens if prompt_len is None else prompt_len
+  if prompt_len < 1 or prompt_len + max_new_tokens > seq_len:
+    raise UserError(f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens}: must fit config.data.seq_len="
+                    f"{seq_len} with prompt_len >= 1")
+  val = tasks.for_source(config.data.source).load(config.data)[1].records
+  full = np.flatnonzero(val.mask[:, :prompt_len + max_new_tokens].min(axis=1) > 0)
+  rows = full if num_prompts is None else full[:num_prompts]
+  if len(rows) == 0:
+    raise UserError(f"--workdir={workdir}: no validation sequence holds {prompt_len + max_new_tokens} real tokens")
+  result = teacher_nll_of_samples(load_lm(workdir), load_lm(teacher_dir), val.tokens[rows, :prompt_len],
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  key=jax.random.key(seed), batch_size=batch_size)
+  return {**result, "prompts": int(len(rows))}

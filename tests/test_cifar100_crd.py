@@ -1,0 +1,231 @@
+"""configs/cifar100_crd.py: the CRD / DKD CIFAR-100 benchmark as configs, on mock CIFAR-100.
+
+Every method trains 2 steps on one pair of the table and every pair trains 2 steps with KD
+(``tfds.testing.mock_data``; real model sizes, batch 8). Teachers are randomly initialised and
+saved directly (one is trained by its own variant). The full pairs x methods product is
+``paper_repro/crd2019/check_all.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from kdlab import losses, models, objectives
+from kdlab.config import load, load_python_file
+from kdlab.errors import UserError
+from kdlab.models import connectors
+from kdlab.objectives import ModelOutput, Shapes, StepInputs
+from kdlab.train.checkpoint import Checkpointer
+from kdlab.train.loop import train
+from kdlab.train.state import Learner, init_state
+
+from conftest import ROOT
+
+CONFIG = ROOT / "configs" / "cifar100_crd.py"
+crd = load_python_file(CONFIG, "test_cifar100_crd")
+METHOD_PAIR = ("resnet32x4", "resnet8x4")  # Every method runs on this pair of the table.
+
+
+def _config(variant: str):
+  return load(f"{CONFIG}:{variant}")
+
+
+def save_random_teacher(name: str, root: pathlib.Path) -> str:
+  """A randomly initialised teacher saved as a finished run would be: ``root/checkpoints`` + config.json."""
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "config.json").write_text(json.dumps({"model": {"name": name, "num_classes": 100}}))
+  _, state = init_state(Learner(models.create(name, num_classes=100), {}), optax.identity(), {}, 0)
+  ckpt = Checkpointer(root / "checkpoints")
+  ckpt.save(1, state, {})
+  ckpt.close()
+  return str(root / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def mock_cifar():
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tmp_path_factory, mock_cifar):
+  """``name -> checkpoints folder``, made on first use; vgg13 is trained 2 steps by its teacher variant."""
+  root, made = tmp_path_factory.mktemp("teachers"), {}
+
+  def get(name: str) -> str:
+    if name not in made:
+      if name == "vgg13":
+        summary = train(_config("teacher-vgg13,mock"), root / name, use_wandb=False, progress=False)
+        assert summary["steps"] == 2
+        made[name] = str(root / name / "checkpoints")
+      else:
+        made[name] = save_random_teacher(name, root / name)
+    return made[name]
+
+  return get
+
+
+def _train_cell(teacher: str, student: str, method: str, teacher_dirs, tmp_path: pathlib.Path) -> dict:
+  config = _config(f"{teacher}-{student}-{method},mock,teacher={teacher_dirs(teacher)}")
+  summary = train(config, tmp_path / "run", use_wandb=False, progress=False)
+  assert summary["steps"] == 2 and summary["test_examples"] == 16
+  assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["test_ce"])
+  return summary
+
+
+@pytest.mark.parametrize("method", crd.METHODS)
+def test_every_method_trains_two_steps(method, teacher_dirs, tmp_path):
+  _train_cell(*METHOD_PAIR, method, teacher_dirs, tmp_path)
+  logged = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  names = {k for m in logged for k in m}
+  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  for term in config["objective"]:
+    name = term.get("name", term["loss"])
+    assert any(n.endswith("/" + name) for n in names), (name, sorted(names))
+
+
+@pytest.mark.parametrize("pair", [p for p in crd.PAIRS if p != METHOD_PAIR], ids="-".join)
+def test_every_pair_trains_kd_two_steps(pair, teacher_dirs, tmp_path):
+  _train_cell(*pair, "kd", teacher_dirs, tmp_path)
+
+
+def test_the_variants_are_the_benchmark():
+  assert len(crd.SAME_ARCH) == 7 and len(crd.CROSS_ARCH) == 6 and len(crd.METHODS) == 16
+  names = crd.variants()
+  # 6 teachers; 13 pairs x 16 methods less FSP where the paper has none (WRN-40-2 -> WRN-40-1, Table 2).
+  assert len(names) == 6 + 13 * 16 - 7 == len(set(names))
+  for name in names:
+    config = _config(name)
+    model = config.model.name
+    assert config.data.source == "tfds:cifar100" and config.data.batch_size == 64
+    assert config.data.augment == "crop_flip" and config.optimizer.weight_decay == 5e-4
+    assert config.optimizer.momentum == 0.9 and config.optimizer.schedule == "piecewise"
+    assert config.optimizer.learning_rate == (0.01 if model in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05)
+    init = 30 if name.split("-")[-1] in ("ab", "fsp", "ft") else 0
+    assert config.train.num_epochs == 240 + init
+    assert list(config.optimizer.boundaries_epochs) == [150 + init, 180 + init, 210 + init]
+    if name.startswith("teacher-") or name.endswith("-ce"):
+      assert config.objective == [dict(loss="ce", weight=1.0)]
+    if not name.startswith("teacher-") and not name.endswith("-ce"):
+      assert config.teachers[0]["init"] == f"runs/cifar100/teacher-{name.split('-')[0]}/checkpoints"
+
+
+def test_repdistiller_weights():
+  terms = lambda v: [dict(t) for t in _config(f"resnet32x4-resnet8x4-{v}").objective]
+  assert terms("kd") == [dict(loss="ce", weight=0.1), dict(loss="kd", weight=0.9, temperature=4.0)]
+  assert terms("vanilla") == terms("ce")
+  weights = {m: {t["loss"]: t["weight"] for t in terms(m)} for m in crd.METHODS if m not in ("ab", "fsp", "dkd")}
+  assert weights["fitnet"] == {"ce": 1.0, "fitnet": 100.0} and weights["at"] == {"ce": 1.0, "at": 1000.0}
+  assert weights["sp"]["sp"] == 3000.0 and weights["cc"]["cc"] == 0.02 and weights["vid"]["vid"] == 1.0
+  assert weights["rkd"] == {"ce": 1.0, "rkd_distance": 25.0, "rkd_angle": 50.0}
+  assert weights["pkt"]["pkt"] == 30000.0 and weights["ft"]["ft"] == 200.0 and weights["nst"]["nst"] == 50.0
+  assert weights["crd"] == {"ce": 1.0, "crd": 0.8} and weights["crd+kd"] == {"ce": 1.0, "kd": 1.0, "crd": 0.8}
+  (crd_term,) = [t for t in terms("crd") if t["loss"] == "crd"]
+  assert (crd_term["num_negatives"], crd_term["temperature"], crd_term["feat_dim"], crd_term["momentum"]) == (
+      16384, 0.07, 128, 0.5)
+  assert terms("at")[1]["student"] == ["stage1", "stage2", "stage3"] and "pool" not in terms("at")[1]
+  cross = _config("vgg13-MobileNetV2-at").objective[1]
+  assert cross["student"] == ["stage1", "stage2", "stage3", "stage4"] and cross["pool"] is True
+  assert terms("sp")[1]["student"] == "stage3" and terms("fitnet")[1]["student"] == "stage2"
+
+
+def test_dkd_follows_mdistiller():
+  betas = {pair: _config(f"{pair[0]}-{pair[1]}-dkd").objective[1]["beta"] for pair in crd.PAIRS}
+  assert betas[("resnet32x4", "resnet8x4")] == 8.0 and betas[("resnet56", "resnet20")] == 2.0
+  assert betas[("vgg13", "vgg8")] == 6.0 and betas[("vgg13", "MobileNetV2")] == 6.0
+  ce, dkd = _config("resnet32x4-resnet8x4-dkd").objective
+  assert ce["weight"] == 1.0 and (dkd["alpha"], dkd["temperature"]) == (1.0, 4.0)
+  weight = objectives.make_schedule(dkd["weight"], "w")
+  steps_per_epoch = 50_000 // 64
+  # mdistiller: min(epoch / 20, 1) with epochs counted from 1.
+  for epoch in (1, 2, 10, 20, 21, 200):
+    assert float(weight((epoch - 1) * steps_per_epoch)) == pytest.approx(min(epoch / 20, 1.0), rel=1e-5)
+
+
+def test_init_stages():
+  steps = 30 * (50_000 // 64)
+  ab = _config("resnet32x4-resnet8x4-ab")
+  assert ab.connector_warmup_steps == 0
+  weight = lambda term, step: float(objectives.make_schedule(term["weight"], "w")(step))
+  ce, *ab_terms = ab.objective
+  assert [t["student"] for t in ab_terms] == ["stage1_preact", "stage2_preact", "stage3_preact"]
+  assert [weight(t, 0) for t in ab_terms] == pytest.approx([0.00075, 0.0015, 0.003])
+  assert [weight(t, steps) for t in ab_terms] == [0.0, 0.0, 0.0]
+  assert (weight(ce, steps - 1), weight(ce, steps)) == (0.0, 1.0)
+  ce, fsp = _config("resnet56-resnet20-fsp").objective
+  assert fsp["student"] == [["stem", "stage1"], ["stage1", "stage2"], ["stage2", "stage3"]]
+  assert (weight(fsp, steps - 1), weight(fsp, steps), weight(ce, steps)) == (1.0, 0.0, 1.0)
+  ft = _config("resnet32x4-resnet8x4-ft")
+  assert ft.connector_warmup_steps == steps and ft.objective[1]["weight"] == 200.0
+  mock = _config("resnet32x4-resnet8x4-ab,mock")
+  assert (mock.train.num_steps, mock.data.batch_size) == (2, 8)
+  assert weight(mock.objective[1], 0) > 0 and weight(mock.objective[1], 1) == 0.0
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("resnet32x4-resnet20-kd", "not a pair of the benchmark"),
+    ("resnet32x4-resnet8x4-hint", "unknown method 'hint'"),
+    ("wrn_40_2-wrn_40_1-fsp", "fsp does not apply"),
+    ("resnet32x4-ShuffleV1-fsp", "fsp does not apply"),
+    ("teacher-resnet8x4", "unknown teacher"),
+    ("resnet32x4-resnet8x4-kd,batch=0", "batch=0"),
+    ("resnet32x4-resnet8x4-kd,epochs=3", "unknown option 'epochs'"),
+])
+def test_bad_variants_are_one_line_errors(variant, message):
+  with pytest.raises(UserError, match=message):
+    _config(variant)
+
+
+def test_missing_teacher_checkpoint_is_refused(mock_cifar, tmp_path):
+  with pytest.raises(UserError, match=r"no teacher checkpoint"):
+    train(_config(f"resnet32x4-resnet8x4-kd,mock,teacher={tmp_path}/none"), tmp_path / "run", use_wandb=False,
+          progress=False)
+  assert not (tmp_path / "run").exists()
+
+
+# --- the terms' pool option and AB's resizing connector, used by the cross-architecture pairs.
+
+def _shapes(s_feats: dict, t_feats: dict) -> Shapes:
+  out = lambda feats: ModelOutput(jax.ShapeDtypeStruct((4, 10), jnp.float32),
+                                  {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in feats.items()})
+  return Shapes(out(s_feats), [out(t_feats)], ["t0"], num_examples=8)
+
+
+def _pool(x, size):
+  b, h, w, c = x.shape
+  return x.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
+
+
+def test_pool_option_matches_pooling_by_hand():
+  rng = np.random.default_rng(0)
+  s_map, t_map = rng.normal(size=(4, 8, 8, 3)).astype(np.float32), rng.normal(size=(4, 4, 4, 5)).astype(np.float32)
+  shapes = _shapes({"a": s_map.shape}, {"a": t_map.shape})
+  inputs = StepInputs(ModelOutput(jnp.zeros((4, 10)), {"a": s_map}), [ModelOutput(jnp.zeros((4, 10)), {"a": t_map})],
+                      {"label": jnp.zeros(4, jnp.int32), "mask": jnp.ones(4, bool), "index": jnp.arange(4)},
+                      jnp.asarray(0), jax.random.key(0))
+  for loss, fn in (("at", losses.at), ("nst", losses.nst)):
+    with pytest.raises(UserError, match="differ in spatial size"):
+      objectives.build([dict(loss=loss, student="a")], shapes, nnx.Rngs(0))
+    obj = objectives.build([dict(loss=loss, student="a", pool=True)], shapes, nnx.Rngs(0))
+    value = jax.jit(lambda: obj({}, inputs, {})[0])()
+    np.testing.assert_allclose(value, fn(_pool(s_map, 4), t_map).mean(), rtol=1e-5)
+  with pytest.raises(UserError, match="pool must be True or False"):
+    objectives.build([dict(loss="at", student="a", pool="yes")], shapes, nnx.Rngs(0))
+  obj = objectives.build([dict(loss="ft", student="a", pool=True)], shapes, nnx.Rngs(0))
+  assert np.isfinite(float(nnx.jit(lambda conns: obj(conns, inputs, {})[0])(obj.connectors())))
+  # AB between maps of different sizes: RepDistiller's ConvReg without its ReLU (4x4 -> 8x8 here).
+  ab = objectives.build([dict(loss="ab", student="a")], _shapes({"a": (4, 4, 4, 5)}, {"a": (4, 8, 8, 3)}),
+                        nnx.Rngs(0))
+  (conn,) = ab.connectors().values()
+  assert isinstance(conn[0], connectors.FitNetRegressor) and conn[0].relu is False
+  out = nnx.jit(lambda c: c[0](jnp.full((4, 4, 4, 5), -3.0), train=True))(conn)
+  assert out.shape == (4, 8, 8, 3) and out.min() < 0  # no ReLU: signs survive

@@ -1,0 +1,158 @@
+"""Language models through the training loop: pysrc, a GPT teacher, token-level KD, resume, bad input."""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from kdlab import cli
+from kdlab.config import load
+from kdlab.train import checkpoint
+from kdlab.train.loop import prepare, train
+
+from conftest import ROOT, read_jsonl
+
+LM = str(ROOT / "configs" / "lm_pysrc.py")
+
+
+def _config(variant, teacher=None, **train_fields):
+  config = load(f"{LM}:{variant},quick" + (f",teacher={teacher}" if teacher else ""))
+  for key, value in train_fields.items():
+    config.train[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("lm")
+  train(_config("teacher"), root / "teacher", use_wandb=False, progress=False)
+  train(_config("kd", root / "teacher" / "checkpoints"), root / "kd", use_wandb=False, progress=False)
+  return root
+
+
+def _train_losses(workdir):
+  return [l["loss"] for l in read_jsonl(workdir / "metrics.jsonl") if "loss" in l]
+
+
+def test_lm_trains_on_pysrc_and_reports_validation_metrics(runs):
+  losses = _train_losses(runs / "teacher")
+  assert losses[-1] < losses[0] - 0.5  # From ~ln(256) = 5.5 nats per byte.
+  summary = json.loads((runs / "teacher" / "summary.json").read_text())
+  assert summary["val_loss"] < math.log(256) - 1.0
+  assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
+  assert summary["best_val_loss"] <= summary["val_loss"]
+  assert summary["kl_teacher"] is None and summary["agreement_top1"] is None  # No teacher.
+  line = [l for l in read_jsonl(runs / "teacher" / "metrics.jsonl") if "loss" in l][0]
+  assert {"task/ce", "train/accuracy", "l2_grads"} <= set(line)
+
+
+def test_kd_run_reports_per_token_metrics_against_its_teacher(runs):
+  summary = json.loads((runs / "kd" / "summary.json").read_text())
+  teacher = json.loads((runs / "teacher" / "summary.json").read_text())
+  # The kd run evaluates the teacher on the same validation tokens the teacher run did.
+  assert summary["teacher_val_loss"] == pytest.approx(teacher["val_loss"], rel=1e-5)
+  assert summary["val_tokens"] == teacher["val_tokens"]
+  assert 0.0 < summary["kl_teacher"] < 1.0
+  assert 0.0 < summary["agreement_top1"] <= 1.0
+  lines = read_jsonl(runs / "kd" / "metrics.jsonl")
+  assert "distill/kd" in lines[0]
+  kd = [l["distill/kd"] for l in lines if "distill/kd" in l]
+  assert kd[-1] < kd[0]
+
+
+def test_interrupted_kd_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch):
+  config = _config("kd", runs / "teacher" / "checkpoints")
+  save = checkpoint.Checkpointer.save
+  calls = []
+
+  def save_then_stop(self, step, state, data_state):
+    save(self, step, state, data_state)
+    calls.append(step)
+    if len(calls) == 1:  # Killed right after its first checkpoint (half way).
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    train(config, tmp_path / "kd", use_wandb=False, progress=False)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+  assert not (tmp_path / "kd" / "summary.json").exists() and calls[-1] < config.train.num_steps
+  resumed = json.loads(json.dumps(train(config, tmp_path / "kd", use_wandb=False, progress=False)))
+  full = json.loads((runs / "kd" / "summary.json").read_text())
+  drop = ("wall_time_s", "steps_per_s")
+  assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
+  full_log, resumed_log = read_jsonl(runs / "kd" / "metrics.jsonl"), read_jsonl(tmp_path / "kd" / "metrics.jsonl")
+  assert [l["step"] for l in resumed_log] == [l["step"] for l in full_log]
+  np.testing.assert_allclose([l.get("loss", l.get("val/loss")) for l in resumed_log],
+                             [l.get("loss", l.get("val/loss")) for l in full_log], rtol=1e-6)
+
+
+def test_minilm_terms_get_the_attention_taps_they_name(runs, tmp_path):
+  config = _config("kd", runs / "teacher" / "checkpoints", num_steps=2)
+  config.objective = [dict(loss="kd", weight=1.0),
+                      dict(loss="attention_kl", weight=1.0, student="attn0", teacher="attn1"),
+                      dict(loss="value_relation", weight=1.0, student="values0", teacher="values1")]
+  setup = prepare(config)
+  assert setup.student_taps == ("attn0", "values0")  # gpt computes them only on request
+  assert {"attn1", "values1"} <= set(setup.teacher_specs[0]["taps"])
+  train(config, tmp_path / "minilm", use_wandb=False, progress=False)
+  line = [l for l in read_jsonl(tmp_path / "minilm" / "metrics.jsonl") if "loss" in l][-1]
+  assert line["distill/attention_kl"] > 0 and line["distill/value_relation"] > 0
+
+
+def _fake_teacher(root: pathlib.Path, **model) -> pathlib.Path:
+  """A teacher run folder with a config.json and a checkpoint step (start-up reads only the config)."""
+  (root / "checkpoints" / "1").mkdir(parents=True)
+  spec = {**dict(name="gpt", vocab_size=256, d_model=32, num_layers=1, num_heads=2, max_len=32), **model}
+  (root / "config.json").write_text(json.dumps({"model": spec}))
+  return root / "checkpoints"
+
+
+@pytest.mark.parametrize("variant, overrides, fake, message", [
+    ("kd", [], dict(vocab_size=512), "config.teachers[0]: the teacher's vocab_size is 512 but the student's 256"),
+    ("student", ["--config.data.seq_len=64"], None, "config.data.seq_len=64 exceeds config.model.max_len=32"),
+    ("kd", [], dict(max_len=16), "config.data.seq_len=32 exceeds config.teachers[0].max_len=16"),
+    ("kd", ["--config.objective[0].impl=fast"], None, "config.objective[0] (kd): impl='fast': unknown"),
+    ("kd", ["--config.objective[0].impl=chunked", "--config.objective[0].loss=logit_l2"], None,
+     "impl='chunked': only kd, reverse_kl, jsd, tvd have chunked and fused forms"),
+    ("student", ["--config.model.vocab_size=100"], None, "config.model.vocab_size=100 is smaller than the 256"),
+])
+def test_bad_input_is_one_line_error_before_anything_is_written(runs, tmp_path, capsys, variant, overrides,
+                                                                 fake, message):
+  teacher = _fake_teacher(tmp_path / "fake", **fake) if fake else runs / "teacher" / "checkpoints"
+  workdir = tmp_path / "run"
+  code = cli.main(["train", f"--config={LM}:{variant},quick,teacher={teacher}", f"--workdir={workdir}",
+                   "--nowandb", "--no-progress", *overrides])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("kdlab: error: ") and len(err.strip().splitlines()) == 1, err
+  assert message in err
+  assert not workdir.exists()
+
+
+def test_sweep_tables_and_report_of_language_model_runs(tmp_path):
+  """Aggregation only (synthetic summaries): the LM columns, the lowest mean val loss in bold."""
+  from kdlab import sweep as ksweep
+  file = tmp_path / "methods.py"
+  file.write_text('def get_sweep():\n  return {"name": "lm", "seeds": [0, 1], '
+                  '"list": [{"objective[0].loss": "kd"}, {"objective[0].loss": "reverse_kl"}]}\n')
+  sweep, _ = ksweep.plan(f"{LM}:kd", str(file))
+  workdir = tmp_path / "sweep"
+  workdir.mkdir()
+  (workdir / "sweep.json").write_text(json.dumps(sweep.to_json()))
+  for run in sweep.runs():
+    loss = (2.0 if "reverse_kl" in run.name else 2.1) + 0.01 * run.seed
+    (workdir / run.name).mkdir(parents=True)
+    (workdir / run.name / "metrics.jsonl").write_text(json.dumps({"step": 10, "epoch": 1.0, "val/loss": loss}) + "\n")
+    (workdir / run.name / "summary.json").write_text(json.dumps({
+        "steps": 10, "val_loss": loss, "best_val_loss": loss, "val_ppl": math.exp(loss),
+        "best_val_ppl": math.exp(loss), "val_accuracy": 0.5, "val_tokens": 100, "kl_teacher": 0.3,
+        "agreement_top1": 0.6, "teacher_val_loss": 1.9, "wall_time_s": 1.0, "steps_per_s": 5.0,
+        "runs_in_step": 1}))
+  assert cli.main(["report", str(workdir)]) == 0
+  table = (workdir / "results.md").read_text()
+  assert "last val loss (nats/token)" in table and "KL(teacher, student)" in table
+  assert "| reverse_kl | **2.0050 +/- 0.0071** |" in table
+  header = (workdir / "results.csv").read_text().splitlines()[0].split(",")
+  assert header[header.index("finished") + 1:][:3] == ["steps", "val_loss", "best_val_loss"]
+  assert "lowest among the periodic evaluations" in (workdir / "report.md").read_text()
