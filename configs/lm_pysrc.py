@@ -70,14 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher_cache = options.get("cache", CACHE) if variant == "kd-cached" else ""
   c.teacher_cache_k = int(options.get("k", 32))
   impl = options.get("impl", "plain")
-  c.objective = {
-      "teacher": [dict(loss="ce", weight=1.0)],
-      "student": [dict(loss="ce", weight=1.0)],
-      "kd": [dict(loss="kd", weight=1.0, temperature=1.0, impl=impl)],
-      "reverse_kl": [dict(loss="reverse_kl", weight=1.0, temperature=1.0, impl=impl)],
-      "jsd": [dict(loss="jsd", weight=1.0, beta=0.5, temperature=1.0, impl=impl)],
-      "kd-cached": [dict(loss="topk_kd", weight=1.0, temperature=1.0)],
-  }[variant]
+  alpha = float(options.get("ce", 0.0))  # distilled variants: alpha * CE + (1 - alpha) * divergence
+  distill = {
+      "kd": dict(loss="kd", temperature=1.0, impl=impl),
+      "reverse_kl": dict(loss="reverse_kl", temperature=1.0, impl=impl),
+      "jsd": dict(loss="jsd", beta=0.5, temperature=1.0, impl=impl),
+      "kd-cached": dict(loss="topk_kd", temperature=1.0),
+  }
+  if variant in distill:
+    c.objective = ([dict(loss="ce", weight=alpha)] if alpha else []) + [dict(distill[variant], weight=1.0 - alpha)]
+  else:
+    c.objective = [dict(loss="ce", weight=1.0)]
   c.ema_teacher = None
   c.born_again = None
   c.connector_warmup_steps = 0

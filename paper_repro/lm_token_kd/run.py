@@ -88,6 +88,17 @@ def _row(label: str, runs: list[dict[str, Any]]) -> str:
           f"{col('wall_time_s', '{:.0f}')} |")
 
 
+def _objective(config: Any) -> str:
+  """``"0.5 ce + 0.5 kd (T=1)"`` from ``config.objective``."""
+  parts = []
+  for term in config.objective:
+    term = dict(term)
+    extra = ", ".join(f"{'T' if k == 'temperature' else k}={v}" for k, v in term.items()
+                      if k in ("temperature", "beta"))
+    parts.append(f"{term['weight']:g} {term['loss']}" + (f" ({extra})" if extra else ""))
+  return " + ".join(parts)
+
+
 def _load() -> str:
   one, five, fifteen = os.getloadavg()
   return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
   t0 = time.time()
   teacher = _train(_config("teacher", root, args.quick, args.teacher_steps), root / "teacher")
   teacher_time = time.time() - t0
-  cache_line = ""
+  cache_line, seconds = "", 0.0
   if "kd-cached" in methods:
     seconds, size = _cache(root, args.quick)
     cache_line = (f"The teacher cache (top-{_config('kd-cached', root, args.quick, None).teacher_cache_k} "
@@ -139,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
   results = {m: _seed_summaries(m, root, seeds, args.vmap, args.quick, args.student_steps) for m in methods}
   total = time.time() - start
   load_end = _load()
+  # What a fresh invocation costs at the load these runs saw, cached runs included.
+  fresh = teacher["wall_time_s"] + seconds + sum(r["wall_time_s"] for m in methods for r in results[m])
 
   base = np.mean([r["kl_teacher"] for r in results["student"]])
   checks = []
@@ -174,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
       f"divergences at T = 1. Metrics per validation byte (token-weighted); KL and agreement against the "
       f"teacher; mean +/- sample std over seeds {seeds}.",
       "",
+      "Objectives: " + "; ".join(f"{m}: {_objective(_config(m, root, args.quick, args.student_steps))}"
+                                 for m in methods) + ".",
+      "",
       header,
       "|---|---|---|---|---|---|---|---|",
       _row(LABELS["teacher"], [teacher]),
@@ -184,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
       *checks,
       "",
       *([cache_line, ""] if cache_line else []),
-      f"Wall time of this invocation: {total / 60:.1f} min (teacher {teacher_time / 60:.1f} min; runs cached "
-      f"in the workdir are reused and count as 0). Machine: {os.cpu_count()} CPU cores ({_cpu()}), shared; "
-      f"load average (1 / 5 / 15 min) {load_start} at the start and {load_end} at the end.",
+      f"Wall time: {fresh / 60:.1f} min summed over every run (teacher {teacher['wall_time_s'] / 60:.1f} min, "
+      f"teacher cache {seconds / 60:.1f} min, {sum(len(results[m]) for m in methods)} students), i.e. a fresh "
+      f"invocation at that load; this invocation took {total / 60:.1f} min (teacher {teacher_time / 60:.1f} min; "
+      f"runs finished earlier in the workdir are reused). Machine: {os.cpu_count()} CPU cores ({_cpu()}), "
+      f"shared with other jobs; load average (1 / 5 / 15 min) {load_start} at the start and {load_end} at "
+      f"the end (2.0 = both cores busy).",
       *([] if "kd-cached" in methods else ["", "kd-cached was left out of this invocation (--methods)."]),
       "",
   ])
