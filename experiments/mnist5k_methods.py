@@ -62,6 +62,12 @@ def _set_weight(loss: str, weight: float) -> Callable[[Any], None]:
   return edit
 
 
+def _epochs(epochs: float) -> Callable[[Any], None]:
+  def edit(config: Any) -> None:
+    config.train.num_epochs = config.train.checkpoint_every_epochs = epochs
+  return edit
+
+
 def _no_init_loss(config: Any) -> None:
   """ab / fsp with their init stage kept but its loss removed: CE only, after the same idle steps."""
   config.objective = [t for t in config.objective if t["loss"] == "ce"]
@@ -77,6 +83,11 @@ DIAGNOSTICS: dict[str, tuple[str, str, Callable[[Any], None]]] = {
                                    "control for ab and fsp", _no_init_loss),
     "jsd": ("jsd", "as in the table (0.1 CE + 0.9 JSD), gradient norms logged", lambda c: None),
     "jsd, CE weight 1": ("jsd", "CE weight 0.1 -> 1", _set_weight("ce", 1.0)),
+    "fitnet, weight 10": ("fitnet", "hint weight 100 -> 10", _set_weight("fitnet", 10.0)),
+    "crd, weight 0.2": ("crd", "CRD weight 0.8 -> 0.2", _set_weight("crd", 0.2)),
+    "crd, 9 epochs": ("crd", "as in the table, 9 epochs instead of 3 (each memory-bank entry updated 9 "
+                      "times instead of 3)", _epochs(9.0)),
+    "student, 9 epochs": ("student", "from scratch, 9 epochs: the control for crd, 9 epochs", _epochs(9.0)),
 }
 
 
@@ -173,24 +184,35 @@ def _cpu_s() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+def _run(cmd: list[str], env: dict[str, str], steps: list[dict[str, Any]]) -> None:
+  """Runs ``cmd``, appending its wall and CPU time (and exit status) to ``steps`` even if it fails."""
   print("+", shlex.join(cmd), flush=True)
   start, cpu = time.time(), _cpu_s()
-  subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-  return {"wall_s": time.time() - start, "cpu_s": _cpu_s() - cpu}
+  try:
+    code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+  finally:
+    steps.append({"wall_s": time.time() - start, "cpu_s": _cpu_s() - cpu})
+  steps[-1]["returncode"] = code
+  if code:
+    raise subprocess.CalledProcessError(code, cmd)
 
 
 def _timed(name: str, cmds: list[list[str]], env: dict[str, str], root: pathlib.Path, parallel: int) -> None:
-  """Runs ``cmds`` in order, sampling the load; records wall and CPU time in ``root/timing.json``."""
-  start = time.time()
-  with LoadSampler() as load:
-    steps = [_run(cmd, env) for cmd in cmds]
-  path = root / "timing.json"
-  timing = json.loads(path.read_text()) if path.exists() else {}
-  timing[name] = dict(total_s=time.time() - start, steps=steps, load=load.samples, cores=os.cpu_count(),
-                      parallel=parallel, commands=[shlex.join(["kdlab", *c[3:]]) for c in cmds],
-                      finished=time.strftime("%Y-%m-%d %H:%M"))
-  path.write_text(json.dumps(timing, indent=2))
+  """Runs ``cmds`` in order, sampling the load; appends this attempt's wall and CPU time to
+  ``root/timing.json`` (an interrupted attempt too: a rerun resumes, and the report sums them)."""
+  start, steps = time.time(), []
+  try:
+    with LoadSampler() as load:
+      for cmd in cmds:
+        _run(cmd, env, steps)
+  finally:
+    path = root / "timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    timing.setdefault(name, []).append(dict(
+        total_s=time.time() - start, steps=steps, load=load.samples, cores=os.cpu_count(), parallel=parallel,
+        commands=[shlex.join(["kdlab", *c[3:]]) for c in cmds], finished=time.strftime("%Y-%m-%d %H:%M"),
+        complete=len(steps) == len(cmds) and not any(s.get("returncode") for s in steps)))
+    path.write_text(json.dumps(timing, indent=2))
 
 
 def _short(path: pathlib.Path) -> pathlib.Path:
@@ -398,19 +420,22 @@ def chart(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, out: pathl
   fig.savefig(out, dpi=110)
 
 
-def _timing_lines(t: dict[str, Any], runs: int, what: str) -> list[str]:
+def _timing_lines(attempts: list[dict[str, Any]], runs: int, what: str) -> list[str]:
   import numpy as np
-  load = np.asarray(t["load"] or [np.nan])
-  cpu = sum(s["cpu_s"] for s in t["steps"])
+  load = np.asarray([x for a in attempts for x in a["load"]] or [np.nan])
+  wall = sum(a["total_s"] for a in attempts)
+  cpu = sum(s["cpu_s"] for a in attempts for s in a["steps"])
+  a = attempts[-1]
+  resumed = (f" in {len(attempts)} attempts (an interrupted attempt resumes: finished runs are kept)"
+             if len(attempts) > 1 else "")
   return [
-      f"- {what}: {runs} runs, {t['parallel']} sweep worker processes on {t['cores']} CPU cores (AMD EPYC, "
-      f"no GPU), finished {t['finished']}: **{t['total_s'] / 60:.1f} min wall** "
-      f"({', '.join(f'{s['wall_s'] / 60:.1f}' for s in t['steps'])} min for the commands below, in order).",
+      f"- {what}: {runs} runs, {a['parallel']} sweep worker processes on {a['cores']} CPU cores (AMD EPYC, "
+      f"no GPU), finished {a['finished']}: **{wall / 60:.1f} min wall**{resumed}.",
       f"- Machine load meanwhile (1-minute load average every 15 s, other engineers' jobs included): mean "
       f"{np.nanmean(load):.1f}, min {np.nanmin(load):.1f}, max {np.nanmax(load):.1f}.",
-      f"- CPU time of all its processes: {cpu / 60:.1f} min (user + system), i.e. "
-      f"{cpu / 60 / t['cores']:.1f} min of the {t['cores']} cores if nothing else ran.",
-      "", "```sh", *[f".venv/bin/{c}" for c in t["commands"]], "```", ""]
+      f"- CPU time of its processes: {cpu / 60:.1f} min (user + system), i.e. {cpu / 60 / a['cores']:.1f} min "
+      f"of the {a['cores']} cores with nothing else running.",
+      "", "```sh", *[f".venv/bin/{c}" for c in a["commands"]], "```", ""]
 
 
 def write_results(root: pathlib.Path, out: pathlib.Path) -> None:

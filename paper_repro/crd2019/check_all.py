@@ -10,7 +10,8 @@ that its features have a trained network's scale: an untrained deep ResNet's eva
 reach 1e4 (resnet56) to 1e8 (resnet110) and a teacher trained for 2 steps is no better, which
 sends FT, FSP and VID to inf in 2 steps. One line per cell (ok,
 fail with the error's first line, or n/a where the benchmark has no such cell and the config
-refuses it), then a summary. ``--pairs`` / ``--methods`` restrict the product. By default XLA
+refuses it), then a summary. ``--pairs`` / ``--methods`` restrict the product; ``--resume FILE``
+keeps the ok / n/a lines of an interrupted run's output and runs only the other cells. By default XLA
 compiles with ``--xla_backend_optimization_level=0`` (a smoke test: compile time dominates;
 ``--full-compile`` keeps XLA's defaults).
 """
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--methods", default="", help="comma-separated methods (default: all 16)")
   parser.add_argument("--full-compile", action="store_true", help="keep XLA's default optimization level")
   parser.add_argument("--label", default="", help="a note for the header (e.g. which code was checked)")
+  parser.add_argument("--resume", default=None, help="an interrupted run's output: keep its ok / n/a cells")
   args = parser.parse_args(argv)
   if not args.full_compile:  # Before jax is imported.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
@@ -63,10 +65,24 @@ def main(argv: list[str] | None = None) -> int:
   if args.label:
     print(f"# {args.label}", flush=True)
   counts = {"ok": 0, "fail": 0, "n/a": 0}
+  kept = _kept_cells(args.resume) if args.resume else {}
+  if args.resume:
+    earlier = [l for l in pathlib.Path(args.resume).read_text().splitlines() if l.startswith("# ") and "summary" not in l]
+    print(f"# resumed from an interrupted run: {len(kept)} ok / n/a cells kept from it; its header was:", flush=True)
+    for line in earlier:
+      print(f"#   {line[2:]}", flush=True)
 
   def report(status: str, name: str, seconds: float, detail: str = "") -> None:
     counts[status] += 1
     print(f"{status:5s} {seconds:7.1f} s  {name}{'  ' + detail if detail else ''}", flush=True)
+
+  def keep(name: str) -> bool:
+    """Prints an interrupted run's line for cell ``name`` if it has one."""
+    if name not in kept:
+      return False
+    counts[kept[name].split()[0]] += 1
+    print(kept[name], flush=True)
+    return True
 
   with tempfile.TemporaryDirectory(prefix="kdlab_check_all_") as tmp, \
       tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -74,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     teacher_dirs = {}
     for teacher in teachers:
       name, t0 = f"teacher-{teacher}", time.time()
+      cells = [f"{teacher}-{s}-{m}" for t, s in pairs if t == teacher for m in methods]
+      if keep(name):
+        if any(cell not in kept for cell in cells):
+          teacher_dirs[teacher] = calibrated_teacher(teacher, root / f"calibrated-{teacher}", crd.MEAN, crd.STD)
+        continue
       try:
         summary = train(load(f"{CONFIG}:{name},mock"), root / name, use_wandb=False, progress=False)
         shutil.rmtree(root / name)
@@ -84,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for teacher, student in pairs:
       for method in methods:
         name, t0 = f"{teacher}-{student}-{method}", time.time()
+        if keep(name):
+          continue
         if not crd.applicable(teacher, student, method):
           try:
             load(f"{CONFIG}:{name},mock")
@@ -105,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
           shutil.rmtree(workdir, ignore_errors=True)
   total = time.time() - started
+  resumed = f" ({len(kept)} cells kept from the interrupted run, not counted in the wall time)" if kept else ""
   print(f"# summary: {counts['ok']} ok, {counts['fail']} fail, {counts['n/a']} n/a (no such cell in the benchmark); "
-        f"{total:.0f} s wall; load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end", flush=True)
+        f"{total:.0f} s wall{resumed}; load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end",
+        flush=True)
   return 1 if counts["fail"] else 0
 
 
@@ -145,6 +170,16 @@ def calibrated_teacher(name: str, root: pathlib.Path, mean, std, passes: int = 4
   ckpt.save(1, train_state, {})
   ckpt.close()
   return str(root / "checkpoints")
+
+
+def _kept_cells(path: str) -> dict[str, str]:
+  """Cell name -> its line, for the ok and n/a lines of an earlier output of this script."""
+  kept = {}
+  for line in pathlib.Path(path).read_text().splitlines():
+    parts = line.split()
+    if len(parts) >= 4 and parts[0] in ("ok", "n/a") and parts[2] == "s":
+      kept[parts[3]] = line
+  return kept
 
 
 def _revision() -> str:

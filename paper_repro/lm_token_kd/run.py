@@ -37,9 +37,13 @@ LABELS = {"teacher": "teacher (CE)", "student": "student (CE only)", "kd": "kd: 
           "reverse_kl": "reverse_kl: KL(s || t)", "jsd": "jsd: generalized JSD, beta 0.5"}
 
 
+CE: float | None = None  # --ce: the CE weight of the distilled students (None: the config's default)
+
+
 def _config(variant: str, root: pathlib.Path, quick: bool, steps: int | None) -> Any:
   arg = f"{variant},teacher={root / 'teacher' / 'checkpoints'},cache={root / 'teacher_cache'}"
-  return load_config(f"{CONFIG}:{arg}{',quick' if quick else ''}{f',steps={steps}' if steps else ''}")
+  arg += (",quick" if quick else "") + (f",steps={steps}" if steps else "") + (f",ce={CE}" if CE is not None else "")
+  return load_config(f"{CONFIG}:{arg}")
 
 
 def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
@@ -122,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--teacher-steps", type=int, default=None, help="default: the config's")
   parser.add_argument("--student-steps", type=int, default=None, help="default: the config's")
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+  parser.add_argument("--ce", type=float, default=None,
+                      help="CE weight alpha of the distilled students (alpha CE + (1 - alpha) divergence); "
+                           "default: the config's")
   parser.add_argument("--quick", action="store_true", help="tiny models and a few steps (smoke test)")
   parser.add_argument("--out", default=str(HERE / "results.md"), help="where to write the results table")
   args = parser.parse_args(argv)
+  global CE
+  CE = args.ce
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown or "student" not in methods:
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
       f" --seeds {args.seeds}" if args.seeds != 3 else "") + (
       f" --teacher-steps {args.teacher_steps}" if args.teacher_steps else "") + (
       f" --student-steps {args.student_steps}" if args.student_steps else "") + (
+      f" --ce {args.ce:g}" if args.ce is not None else "") + (
       f" --methods {args.methods}" if args.methods != ",".join(METHODS) else "")
   header = ("| model | runs | val loss (nats/byte) | val ppl | KL(teacher \\|\\| student) | top-1 agreement (%) "
             "| token accuracy (%) | wall time per run (s) |")
