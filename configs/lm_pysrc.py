@@ -15,7 +15,8 @@ Variants (``arg`` is ``VARIANT[,key=value...]``):
               loaded for the eval metrics only).
   kd          the student, token-level KL(p_teacher || p_student) at T = 1 against the live teacher.
   reverse_kl  the student, KL(p_student || p_teacher) (mode seeking, MiniLLM).
-  jsd         the student, generalized JSD with beta = 0.5 (GKD).
+  jsd         the student, generalized JSD (GKD) with beta = 0.1 (option ``beta=B``; beta = 0.5 is measured
+              in paper_repro/lm_token_kd/results_600steps_beta05.md).
   kd-cached   the student, ``topk_kd`` against the teacher's top-k outputs read from
               ``config.teacher_cache`` (built by ``kdlab cache-teacher``); no teacher runs in training.
 The distilled variants train on ``0.5 * CE + 0.5 * divergence`` (option ``ce=ALPHA``: ``ALPHA * CE +
@@ -23,7 +24,7 @@ The distilled variants train on ``0.5 * CE + 0.5 * divergence`` (option ``ce=ALP
 (reverse_kl, and jsd on some seeds) stall from a random init: the student settles on a few frequent
 bytes (validation loss ~3.3 vs ~2.5; paper_repro/lm_token_kd/results_pure.md).
 Options: ``teacher=PATH``, ``cache=PATH``, ``k=N`` (cache top-k, default 32), ``impl=plain|chunked|fused``
-(how kd / reverse_kl / jsd are computed), ``ce=ALPHA``, ``steps=N``, ``quick`` (a tiny model and a few
+(how kd / reverse_kl / jsd are computed), ``ce=ALPHA``, ``beta=B`` (jsd), ``steps=N``, ``quick`` (a tiny model and a few
 steps, for tests).
 
 Data: 128-byte sequences packed from the first 1 MiB of the train split (8,193 sequences, 512
@@ -79,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   distill = {
       "kd": dict(loss="kd", temperature=1.0, impl=impl),
       "reverse_kl": dict(loss="reverse_kl", temperature=1.0, impl=impl),
-      "jsd": dict(loss="jsd", beta=0.5, temperature=1.0, impl=impl),
+      "jsd": dict(loss="jsd", beta=float(options.get("beta", 0.1)), temperature=1.0, impl=impl),
       "kd-cached": dict(loss="topk_kd", temperature=1.0),
   }
   if variant in distill:

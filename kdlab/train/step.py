@@ -112,12 +112,14 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
       names = list(weighted)
       (grads,) = pullback({name: ones for name in names})
 
-      def term_grad_norm(row):
-        (term_grads,) = pullback(dict(zip(names, row)))
+      def term_grad_norm(name):
+        (term_grads,) = pullback({n: ones if n == name else jnp.zeros_like(ones) for n in names})
         return optax.tree.norm(term_grads["student"])
 
-      # One backward pass per term, in sequence (one gradient in memory at a time, compiled once).
-      norms = jax.lax.map(term_grad_norm, jnp.eye(len(names), dtype=jnp.float32))
+      # One backward pass per term, unrolled: in a lax.map loop body XLA:CPU ran the convolution
+      # backward passes about 20x slower (mnist5k resnet8 with ce + at: 3 s per step; unrolled, the
+      # step with the norms takes 1.4x the step without them).
+      norms = [term_grad_norm(name) for name in names]
       metrics = dict(metrics)
       for i, name in enumerate(names):
         metrics[f"grad_norm/{name}"] = (norms[i], ones)

@@ -34,15 +34,17 @@ HERE = pathlib.Path(__file__).parent
 CONFIG = str(HERE.parent.parent / "configs" / "lm_pysrc.py")
 METHODS = ("student", "kd", "kd-cached", "reverse_kl", "jsd")
 LABELS = {"teacher": "teacher (CE)", "student": "student (CE only)", "kd": "kd: KL(t || s), live teacher", "kd-cached": "kd-cached: top-k KD from the cache",
-          "reverse_kl": "reverse_kl: KL(s || t)", "jsd": "jsd: generalized JSD, beta 0.5"}
+          "reverse_kl": "reverse_kl: KL(s || t)", "jsd": "jsd: generalized JSD (GKD)"}
 
 
 CE: float | None = None  # --ce: the CE weight of the distilled students (None: the config's default)
+BETA: float | None = None  # --beta: the jsd student's JSD beta (None: the config's default)
 
 
 def _config(variant: str, root: pathlib.Path, quick: bool, steps: int | None) -> Any:
   arg = f"{variant},teacher={root / 'teacher' / 'checkpoints'},cache={root / 'teacher_cache'}"
-  arg += (",quick" if quick else "") + (f",steps={steps}" if steps else "") + (f",ce={CE}" if CE is not None else "")
+  arg += (",quick" if quick else "") + (f",steps={steps}" if steps else "") + (f",ce={CE}" if CE is not None else "") + (
+      f",beta={BETA}" if BETA is not None else "")
   return load_config(f"{CONFIG}:{arg}")
 
 
@@ -129,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--ce", type=float, default=None,
                       help="CE weight alpha of the distilled students (alpha CE + (1 - alpha) divergence); "
                            "default: the config's")
+  parser.add_argument("--beta", type=float, default=None, help="JSD beta of the jsd student; default: the config's")
   parser.add_argument("--quick", action="store_true", help="tiny models and a few steps (smoke test)")
   parser.add_argument("--out", default=str(HERE / "results.md"), help="where to write the results table")
   args = parser.parse_args(argv)
-  global CE
-  CE = args.ce
+  global CE, BETA
+  CE, BETA = args.ce, args.beta
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown or "student" not in methods:
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
       f" --teacher-steps {args.teacher_steps}" if args.teacher_steps else "") + (
       f" --student-steps {args.student_steps}" if args.student_steps else "") + (
       f" --ce {args.ce:g}" if args.ce is not None else "") + (
+      f" --beta {args.beta:g}" if args.beta is not None else "") + (
       f" --methods {args.methods}" if args.methods != ",".join(METHODS) else "")
   header = ("| model | runs | val loss (nats/byte) | val ppl | KL(teacher \\|\\| student) | top-1 agreement (%) "
             "| token accuracy (%) | wall time per run (s) |")
