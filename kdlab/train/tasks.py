@@ -19,6 +19,7 @@ validation split (token-weighted, padding excluded): ``val/loss`` (CE, nats per 
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, Iterator, Sequence
 
@@ -35,7 +36,7 @@ from kdlab.objectives import ModelOutput
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
-class Task:
+class Task(abc.ABC):
   """The task interface; see :class:`Classification` and :class:`LanguageModel`."""
 
   name: str
@@ -44,34 +45,38 @@ class Task:
   higher_is_better: bool
   headline_fields: tuple[str, ...]  # summary fields averaged over vmapped seeds
 
+  @abc.abstractmethod
   def load(self, data_cfg: Any) -> tuple[Any, Any]:
     """``(train_source, eval_source)``; bad data fields raise :class:`UserError`."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def abstract_batch(self, source: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The train batch as ``ShapeDtypeStruct``s (what ``prepare`` traces models and terms on)."""
-    raise NotImplementedError
 
   def check_models(self, student: Any, teachers: Sequence[Any], teacher_fields: Sequence[str],
                    data_cfg: Any) -> None:
     """Start-up checks on the (abstract) models before any forward pass."""
 
+  @abc.abstractmethod
   def check_outputs(self, s_out: ModelOutput, t_outs: Sequence[ModelOutput], source: Any, data_cfg: Any) -> None:
     """Start-up checks on the models' abstract outputs."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def train_dataset(self, source: Any, data_cfg: Any, seed: int) -> grain.MapDataset:
-    raise NotImplementedError
+    """The shuffled, augmented, batched training data for ``seed``."""
 
+  @abc.abstractmethod
   def eval_batches(self, source: Any, data_cfg: Any) -> Iterator[dict[str, np.ndarray]]:
-    raise NotImplementedError
+    """Fixed-order eval batches, padded with a ``mask`` entry."""
 
+  @abc.abstractmethod
   def train_metrics(self, logits: jax.Array, batch: dict) -> Metrics:
-    raise NotImplementedError
+    """``(sum, count)`` training metrics of the student's ``logits`` on ``batch``."""
 
+  @abc.abstractmethod
   def eval_metrics(self, s_out: ModelOutput, t_out: ModelOutput | None, batch: dict,
                    logit_offset: jax.Array) -> Metrics:
-    raise NotImplementedError
+    """``(sum, count)`` eval metrics, against the first teacher's outputs when given."""
 
   def finalize(self, values: dict[str, Any]) -> dict[str, Any]:
     """Metrics derived after the ``(sum, count)`` reduction."""
@@ -81,13 +86,13 @@ class Task:
     """Whether eval value ``a`` of ``best_key`` beats ``b``."""
     return a > b if self.higher_is_better else a < b
 
+  @abc.abstractmethod
   def summary(self, values: dict[str, Any], best: float | None, source: Any, steps: int) -> dict[str, Any]:
     """The task's fields of ``summary.json`` from the final eval ``values``."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def headline(self, summary: dict[str, Any]) -> str:
     """One line for the CLI and sweep logs."""
-    raise NotImplementedError
 
 
 def _teacher_agreement(s_logits: jax.Array, t_logits: jax.Array, weights: jax.Array, count: jax.Array,
