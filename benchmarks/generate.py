@@ -48,6 +48,7 @@ import kdlab  # noqa: E402
 import kdlab.models.gpt  # noqa: E402,F401  (registers "gpt")
 from kdlab.generate import sample_logits  # noqa: E402
 from kdlab.models import registry  # noqa: E402
+from kdlab.repro import cpu_name  # noqa: E402
 
 BUCKET = 32
 
@@ -101,14 +102,8 @@ class LoadSampler:
 
 
 def machine() -> str:
-  cpu = "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
   dev = jax.devices()[0]
-  return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; jax {jax.__version__} on "
+  return (f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; jax {jax.__version__} on "
           f"{dev.platform} ({dev.device_kind}); Python {platform.python_version()}")
 
 

@@ -53,6 +53,7 @@ from flax import nnx
 
 from kdlab import models, objectives
 from kdlab.ops import conv as conv_ops
+from kdlab.repro import cpu_name
 from kdlab.train import optim
 from kdlab.train.state import Learner, init_state
 from kdlab.train.step import Teacher, make_train_step, run_teachers
@@ -243,7 +244,7 @@ def main() -> None:
 
   med = {name: {op: statistics.median(ts) for op, ts in by_op.items()} for name, by_op in times.items()}
   floor = (TEACHER_FORWARD_GFLOP + STUDENT_STEP_GFLOP) / args.peak_gflops
-  print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({_cpu_name()}); 1-minute load average "
+  print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_name()}); 1-minute load average "
         f"{loads[0]:.2f} at the start, {min(loads[1:]):.2f}-{max(loads[1:]):.2f} during the timed rounds")
   for name, info in infos.items():
     print(f"{name}: {json.dumps(info)}")
@@ -266,15 +267,6 @@ def main() -> None:
     pathlib.Path(args.json).write_text(json.dumps({"times": times, "medians": med, "loads": loads,
                                                    "info": infos}, indent=1))
 
-
-def _cpu_name() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

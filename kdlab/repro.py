@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import platform
 import time
 from typing import Any, Sequence
 
@@ -34,3 +35,14 @@ def mean_std(values: Sequence[float], fmt: str = "{:.1f}", scale: float = 1.0) -
   a = scale * np.asarray(values, float)
   std = a.std(ddof=1) if len(a) > 1 else 0.0
   return f"{fmt.format(a.mean())} +/- {fmt.format(std)}"
+
+
+def cpu_name() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), for the machine line of results and benchmarks."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from kdlab.config import load as load_config
-from kdlab.repro import mean_std
+from kdlab.repro import cpu_name, mean_std
 from kdlab.train.loop import train
 
 HERE = pathlib.Path(__file__).parent
@@ -186,12 +186,6 @@ def _samples(workdir: pathlib.Path, args: argparse.Namespace, times: Times, stag
   times.add(stage, time.time() - t0)
   return result
 
-
-def _cpu() -> str:
-  for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor() or "unknown CPU"
 
 
 def _load() -> str:
@@ -436,7 +430,7 @@ def _report(args: argparse.Namespace, root: pathlib.Path, methods: list[str], re
       *differs,
       "",
       f"Compute time of all stages: {minutes(*used)} min (summed over the invocations that ran "
-      f"them; this invocation: {total / 60:.1f} min). Machine: {os.cpu_count()} CPU cores ({_cpu()}), shared with "
+      f"them; this invocation: {total / 60:.1f} min). Machine: {os.cpu_count()} CPU cores ({cpu_name()}), shared with "
       f"other work; load average (1 / 5 / 15 min) {load_start} at the start of this invocation and {_load()} at "
       f"its end.",
       "",

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from kdlab.config import load as load_config
-from kdlab.repro import mean_std
+from kdlab.repro import cpu_name, mean_std
 from kdlab.train.loop import train
 
 HERE = pathlib.Path(__file__).parent
@@ -109,15 +109,6 @@ def _load() -> str:
   one, five, fifteen = os.getloadavg()
   return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
-
-def _cpu() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
       f"Wall time: {fresh / 60:.1f} min summed over every run (teacher {teacher['wall_time_s'] / 60:.1f} min, "
       f"teacher cache {seconds / 60:.1f} min, {sum(len(results[m]) for m in methods)} students), i.e. a fresh "
       f"invocation at that load; this invocation took {total / 60:.1f} min (teacher {teacher_time / 60:.1f} min; "
-      f"runs finished earlier in the workdir are reused). Machine: {os.cpu_count()} CPU cores ({_cpu()}), "
+      f"runs finished earlier in the workdir are reused). Machine: {os.cpu_count()} CPU cores ({cpu_name()}), "
       f"shared with other jobs; load average (1 / 5 / 15 min) {load_start} at the start and {load_end} at "
       f"the end (2.0 = both cores busy).",
       *([] if "kd-cached" in methods else ["", "kd-cached was left out of this invocation (--methods)."]),
