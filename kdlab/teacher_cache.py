@@ -59,7 +59,8 @@ K_FIELD = "config.teacher_cache_k"
 
 # --- fingerprint ---------------------------------------------------------------------------------
 
-def _digest(*parts: bytes) -> str:
+def digest(*parts: bytes) -> str:
+  """16 hex digits of the SHA-256 of length-prefixed ``parts``."""
   h = hashlib.sha256()
   for p in parts:
     h.update(len(p).to_bytes(8, "little"))
@@ -78,16 +79,17 @@ def params_digest(params: Any) -> str:
   parts = []
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     parts += [jax.tree_util.keystr(path).encode(), *_array_bytes(leaf)]
-  return _digest(*parts)
+  return digest(*parts)
 
 
 def text_digest(dataset: Any) -> str:
   """A hash of a packed text split's ``tokens``, ``targets`` and ``mask`` arrays."""
   packed = getattr(dataset, "records", dataset)
-  return _digest(*_array_bytes(packed.tokens), *_array_bytes(packed.targets), *_array_bytes(packed.mask))
+  return digest(*_array_bytes(packed.tokens), *_array_bytes(packed.targets), *_array_bytes(packed.mask))
 
 
-def _canonical(value: Any) -> bytes:
+def canonical(value: Any) -> bytes:
+  """``value`` as canonical JSON bytes (sorted keys), for :func:`digest`."""
   return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
@@ -136,9 +138,9 @@ def fingerprint(config: Any, *, dataset: Any = None) -> str:
   tokenizer = config.data.get("tokenizer", "byte")
   seq_len = int(getattr(dataset, "records", dataset).tokens.shape[1])
   parts = {
-      "teacher": _digest(_canonical(model), params_digest(params).encode()),
+      "teacher": digest(canonical(model), params_digest(params).encode()),
       "tokenizer": f"{tokenizer}-{model.get('vocab_size')}",
-      "data": _digest(_canonical([config.data.source, "train", seq_len]), text_digest(dataset).encode()),
+      "data": digest(canonical([config.data.source, "train", seq_len]), text_digest(dataset).encode()),
       "k": str(teacher_k(config)),
   }
   return ";".join(f"{name}={value}" for name, value in parts.items())

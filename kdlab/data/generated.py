@@ -30,7 +30,6 @@ the command again with the same fingerprint keeps the data; another fingerprint 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import pathlib
@@ -104,18 +103,6 @@ def load_splits(source: str, *, seq_len: int, eval_max_bytes: int | None) -> tup
 
 # --- building ------------------------------------------------------------------------------------
 
-def _digest(*parts: bytes) -> str:
-  h = hashlib.sha256()
-  for p in parts:
-    h.update(len(p).to_bytes(8, "little"))
-    h.update(p)
-  return h.hexdigest()[:16]
-
-
-def _canonical(value: Any) -> bytes:
-  return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
 def settings(config: Any, *, max_len: int | None) -> dict[str, Any]:
   """Validated ``config.generate_data`` (with ``prompt_len`` and ``source`` resolved)."""
   from kdlab.train.on_policy import generation_fields
@@ -175,7 +162,7 @@ def generate_data(config: Any, out_dir: str | os.PathLike, *, progress: bool = F
   from flax import nnx
 
   from kdlab.generate import generate
-  from kdlab.teacher_cache import params_digest, text_digest
+  from kdlab.teacher_cache import canonical, digest, params_digest, text_digest
   from kdlab.train import checkpoint
   from kdlab.train import mesh as meshlib
   from kdlab.train.loop import _load_teachers, _teacher_spec
@@ -195,9 +182,9 @@ def generate_data(config: Any, out_dir: str | os.PathLike, *, progress: bool = F
     raise UserError(f"config.data: {e}") from None
   params, _ = checkpoint.load_student_variables(spec["init"], "config.teachers[0].init")
   fingerprint = ";".join([
-      f"teacher={_digest(_canonical(spec['model']), params_digest(params).encode())}",
-      f"data={_digest(_canonical([gen['source'], 'train', gen['seq_len']]), text_digest(base).encode())}",
-      f"generation={_digest(_canonical({k: v for k, v in gen.items() if k not in ('source', 'seq_len')}))}",
+      f"teacher={digest(canonical(spec['model']), params_digest(params).encode())}",
+      f"data={digest(canonical([gen['source'], 'train', gen['seq_len']]), text_digest(base).encode())}",
+      f"generation={digest(canonical({k: v for k, v in gen.items() if k not in ('source', 'seq_len')}))}",
   ])
   meta = _check_out(out, fingerprint)
   if meta is not None:
