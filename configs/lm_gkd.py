@@ -9,7 +9,8 @@ Run (the teacher of configs/lm_pysrc.py first; every variant is evaluated agains
   kdlab train --config=configs/lm_gkd.py:gkd --workdir=runs/lm_gkd/gkd        (likewise the other variants)
 (paper_repro/gkd2024/run.py runs them all, 3 seeds, and scores the students' samples with the teacher.)
 
-Variants (``arg`` is ``VARIANT[,key=value...]``); the student and data are lm_pysrc's:
+Variants (``arg`` is ``VARIANT[,key=value...]``); the student and data are lm_pysrc's, the objective
+is the variant's divergence alone at T = 1 (weight 1, no CE term; JSD with beta = 0.5):
   student         CE on the data only (the teacher is loaded for eval metrics only).
   supervised_kd   forward KL(p_teacher || p_student) on the data (token-level KD).
   seqkd           CE on the teacher's own continuations of the training prompts (Kim & Rush 2016):
@@ -56,6 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   base, divergence, fraction = _PLAN[variant]
   passed = [f"{k}={v}" if v else k for k, v in options.items() if k in ("teacher", "steps", "quick", "impl")]
   c = lm_config(",".join([base, *passed]))
+  if divergence is not None:
+    # The divergence alone, pinned here: lm_pysrc's own distillation recipe (CE mixing, warm-up,
+    # JSD beta) is tuned for off-policy token KD and must not change these methods' results.
+    term = dict(loss=divergence, temperature=1.0, impl=options.get("impl", "plain"), weight=1.0)
+    c.objective = [dict(term, beta=0.5) if divergence == "jsd" else term]
   quick = "quick" in options
   new = int(options.get("new", 16 if quick else 64))
   temperature = float(options.get("temperature", 1.0))

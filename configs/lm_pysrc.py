@@ -20,12 +20,17 @@ Variants (``arg`` is ``VARIANT[,key=value...]``):
   kd-cached   the student, ``topk_kd`` against the teacher's top-k outputs read from
               ``config.teacher_cache`` (built by ``kdlab cache-teacher``); no teacher runs in training.
 The distilled variants train on ``0.5 * CE + 0.5 * divergence`` (option ``ce=ALPHA``: ``ALPHA * CE +
-(1 - ALPHA) * divergence``; ``ce=0`` is the divergence alone). Alone, the mode-seeking divergences
-(reverse_kl, and jsd on some seeds) stall from a random init: the student settles on a few frequent
-bytes (validation loss ~3.3 vs ~2.5; paper_repro/lm_token_kd/results_pure.md).
+(1 - ALPHA) * divergence``; ``ce=0`` is the divergence alone), with JSD's weight divided by
+``beta * (1 - beta)`` (near the teacher JSD(beta) ~ beta (1 - beta) KL, so this gives it KL's scale).
+The divergence switches on after a CE warm-up: weight 0 for the first 100 steps, then rising linearly
+to its value over the next 100 (option ``warmup=N``; ``warmup=0``, the default with ``ce=0``: on from
+the first step). From a
+random init the mode-seeking divergences slow the student's early progress (alone, reverse_kl stalls
+on a few frequent bytes: validation loss ~3.3 vs ~2.5, paper_repro/lm_token_kd/results_pure.md; mixed
+with CE, one JSD seed in three lagged ~150 steps behind the CE student to the end).
 Options: ``teacher=PATH``, ``cache=PATH``, ``k=N`` (cache top-k, default 32), ``impl=plain|chunked|fused``
-(how kd / reverse_kl / jsd are computed), ``ce=ALPHA``, ``beta=B`` (jsd), ``steps=N``, ``quick`` (a tiny model and a few
-steps, for tests).
+(how kd / reverse_kl / jsd are computed), ``ce=ALPHA``, ``beta=B`` (jsd), ``warmup=N``, ``steps=N``,
+``quick`` (a tiny model and a few steps, for tests; no warm-up).
 
 Data: 128-byte sequences packed from the first 1 MiB of the train split (8,193 sequences, 512
 steps of 16 per epoch) and validated on the first 64 KiB of the validation split; every run
@@ -84,8 +89,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "kd-cached": dict(loss="topk_kd", temperature=1.0),
   }
   if variant in distill:
+    weight = 1.0 - alpha
+    if variant == "jsd":
+      # Near the teacher JSD(beta) ~ beta (1 - beta) KL: dividing by that gives the term KL's curvature
+      # (at beta = 0.1, 1/0.09); undivided it adds little to CE (paper_repro/lm_token_kd/README.md).
+      beta = distill["jsd"]["beta"]
+      weight /= beta * (1.0 - beta)
+    warmup = int(options.get("warmup", 0 if quick or not alpha else 100))
+    if warmup and not alpha:
+      raise ValueError(f"warmup={warmup} with ce=0 leaves no loss for the first {warmup} steps; use warmup=0")
+    if warmup:
+      # CE alone for `warmup` steps, then the divergence's weight rises linearly over as many steps.
+      weight = dict(schedule="linear_schedule", init_value=0.0, end_value=weight, transition_steps=warmup,
+                    transition_begin=warmup)
     # The divergence first: config.objective[0] is the distillation term in every distilled variant.
-    c.objective = [dict(distill[variant], weight=1.0 - alpha)] + ([dict(loss="ce", weight=alpha)] if alpha else [])
+    c.objective = [dict(distill[variant], weight=weight)] + ([dict(loss="ce", weight=alpha)] if alpha else [])
   else:
     c.objective = [dict(loss="ce", weight=1.0)]
   c.ema_teacher = None

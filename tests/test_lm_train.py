@@ -9,6 +9,7 @@ import pytest
 
 from kdlab import cli
 from kdlab.config import load
+from kdlab.errors import UserError
 from kdlab.train import checkpoint
 from kdlab.train.loop import prepare, train
 
@@ -156,3 +157,27 @@ def test_sweep_tables_and_report_of_language_model_runs(tmp_path):
   header = (workdir / "results.csv").read_text().splitlines()[0].split(",")
   assert header[header.index("finished") + 1:][:3] == ["steps", "val_loss", "best_val_loss"]
   assert "lowest among the periodic evaluations" in (workdir / "report.md").read_text()
+
+
+def test_distillation_recipe_warms_up_on_ce_and_scales_jsd_to_kl():
+  from kdlab.objectives import make_schedule
+  kd = load(f"{LM}:kd").objective
+  weight = make_schedule(kd[0]["weight"], "kd")
+  assert [float(weight(s)) for s in (0, 100, 150, 200, 600)] == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.5])
+  assert kd[1] == {"loss": "ce", "weight": 0.5}
+  jsd = load(f"{LM}:jsd,beta=0.2,warmup=0").objective
+  assert jsd[0]["weight"] == pytest.approx(0.5 / (0.2 * 0.8))
+  assert load(f"{LM}:kd,quick").objective[0]["weight"] == 0.5  # tests: no warm-up
+  assert load(f"{LM}:reverse_kl,ce=0").objective == [
+      {"loss": "reverse_kl", "temperature": 1.0, "impl": "plain", "weight": 1.0}]
+  with pytest.raises(UserError, match="warmup=50 with ce=0"):
+    load(f"{LM}:kd,ce=0,warmup=50")
+
+
+@pytest.mark.parametrize("variant, loss", [("gkd", "jsd"), ("gkd_full", "jsd"), ("onpolicy_rkl", "reverse_kl"),
+                                           ("supervised_kd", "kd"), ("onpolicy_kd", "kd")])
+def test_lm_gkd_variants_train_on_their_divergence_alone(variant, loss):
+  """configs/lm_gkd.py pins its objective: lm_pysrc's CE mixing, warm-up and JSD scale do not reach it."""
+  term = {"loss": loss, "temperature": 1.0, "impl": "plain", "weight": 1.0}
+  assert list(load(f"{ROOT / 'configs' / 'lm_gkd.py'}:{variant}").objective) == [
+      dict(term, beta=0.5) if loss == "jsd" else term]

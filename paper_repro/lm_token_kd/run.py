@@ -101,7 +101,13 @@ def _objective(config: Any) -> str:
     term = dict(term)
     extra = ", ".join(f"{'T' if k == 'temperature' else k}={v}" for k, v in term.items()
                       if k in ("temperature", "beta"))
-    parts.append(f"{term['weight']:g} {term['loss']}" + (f" ({extra})" if extra else ""))
+    weight = term["weight"]
+    if isinstance(weight, dict):  # lm_pysrc's warm-up: 0, then a linear rise to the term's weight
+      begin, steps = weight["transition_begin"], weight["transition_steps"]
+      weight = f"{weight['end_value']:.4g} (0 until step {begin}, reached at step {begin + steps})"
+    else:
+      weight = f"{weight:.4g}"
+    parts.append(f"{weight} {term['loss']}" + (f" ({extra})" if extra else ""))
   return " + ".join(parts)
 
 
