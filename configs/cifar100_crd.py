@@ -227,7 +227,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = _int_option(options, "seed", 0)
   c.data = ml_collections.ConfigDict(dict(
       source="tfds:cifar100", data_dir=options.get("data_dir") or None, batch_size=batch,
-      eval_batch_size=8 if mock else 500, augment="crop_flip", mean=MEAN, std=STD, exclude_labels=[]))
+      eval_batch_size=8 if mock else 500, augment="crop_flip", mean=MEAN, std=STD, exclude_labels=[],
+      prefetch_threads=0))  # see configs/common.py; raise it on machines with spare cores
   model = teacher if method == "teacher" else student
   c.model = ml_collections.ConfigDict(dict(name=model, num_classes=100))
   lr = 0.01 if model in SMALL_LR_STUDENTS else 0.05

@@ -36,7 +36,11 @@ def mnist_mlp(variant: str, options: dict[str, str]) -> ml_collections.ConfigDic
       source=source, data_dir=None, batch_size=100, eval_batch_size=512,
       augment="jitter" if variant == "teacher" else None,
       mean=(0.0,), std=(1.0,),
-      exclude_labels=[int(d) for d in options["omit"].split("/")] if "omit" in options else []))
+      exclude_labels=[int(d) for d in options["omit"].split("/")] if "omit" in options else [],
+      # grain threads preparing training batches ahead; 0 = in the training loop's thread. Batches here
+      # cost ~0.3 ms, and on 2 cores prefetch threads only compete with XLA's (MNIST MLP: 9.1 -> 6.0 ms
+      # per step with 0); raise it where spare cores can run costly augmentation ahead.
+      prefetch_threads=0))
   c.model = ml_collections.ConfigDict(dict(
       name="mlp", in_features=in_features, num_classes=10,
       hidden=(1200, 1200) if variant == "teacher" else (800, 800),

@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="pysrc", seq_len=seq_len, max_bytes=(16 << 10) if quick else (1 << 20),
       eval_max_bytes=(4 << 10) if quick else (64 << 10), batch_size=8 if quick else 16,
-      eval_batch_size=32 if quick else 128))
+      eval_batch_size=32 if quick else 128, prefetch_threads=0))  # see configs/common.py
   if quick:
     c.model = _gpt(32, 2 if variant == "teacher" else 1, 2, seq_len)
   elif variant == "teacher":

@@ -70,6 +70,7 @@ BAD_INPUTS = [
     (["--config.objective[1].temperature=-2.5"], "temperature must be > 0, got -2.5"),
     (["--config.teachers[0].init=/nonexistent/checkpoints"], "config.teachers[0].init: no teacher checkpoint"),
     (["--config.data.source=mnist6k"], "data.source: unknown source 'mnist6k'"),
+    (["--config.data.prefetch_threads=-1"], "config.data.prefetch_threads=-1: use a whole number >= 0"),
 ]
 
 
@@ -112,3 +113,16 @@ def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
   train(config, tmp_path / "run", use_wandb=True, progress=False)
   offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
   assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
+
+
+def test_prefetch_threads_change_speed_not_results(tmp_path):
+  """config.data.prefetch_threads: grain threads prepare batches ahead; the batches are the same."""
+  summaries = []
+  for threads in (0, 3):
+    config = load(f"{HINTON}:student,{QUICK}")
+    config.data.prefetch_threads = threads
+    summaries.append(train(config, tmp_path / f"t{threads}", use_wandb=False, progress=False))
+  assert summaries[0]["test_errors"] == summaries[1]["test_errors"]
+  losses = [[l["loss"] for l in map(json.loads, (tmp_path / f"t{t}" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in l] for t in (0, 3)]
+  assert losses[0] == losses[1]

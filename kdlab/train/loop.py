@@ -15,6 +15,7 @@ import pathlib
 import time
 from typing import Any, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -157,6 +158,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   train_source, test_source = task.load(data_cfg)
   if data_cfg.batch_size > len(train_source):
     raise UserError(f"config.data.batch_size={data_cfg.batch_size} exceeds the {len(train_source)} training examples")
+  threads = data_cfg.get("prefetch_threads", 0)
+  if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+    raise UserError(f"config.data.prefetch_threads={threads!r}: use a whole number >= 0 (0: no prefetch threads)")
 
   student_kwargs = _model_kwargs(config.model, "config.model")
   student = nnx.eval_shape(lambda: _create(student_kwargs, "config.model", config.seed))
@@ -349,7 +353,8 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     graphdef, state = init_state(s.learner, tx, s.objective.init_state(), c.seed, ema=s.ema_decay is not None)
     states.append(jax.device_put(state, meshlib.replicated(mesh)))
   task = setup.task
-  data_iters = [iter(task.train_dataset(s.train_source, c.data, c.seed).to_iter_dataset())
+  read = grain.ReadOptions(num_threads=config.data.get("prefetch_threads", 0))
+  data_iters = [iter(task.train_dataset(s.train_source, c.data, c.seed).to_iter_dataset(read))
                 for s, c in zip(setups, configs)]
   ckpts = [checkpoint.Checkpointer(w / "checkpoints") for w in workdirs]
   latest = [c.latest_step() for c in ckpts]
