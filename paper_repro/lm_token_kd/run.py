@@ -16,6 +16,7 @@ a method's seeds in one vmapped step (``config.vmap_seeds``) instead of one afte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -37,15 +38,19 @@ LABELS = {"teacher": "teacher (CE)", "student": "student (CE only)", "kd": "kd: 
           "reverse_kl": "reverse_kl: KL(s || t)", "jsd": "jsd: generalized JSD (GKD)"}
 
 
-CE: float | None = None  # --ce: the CE weight of the distilled students (None: the config's default)
-BETA: float | None = None  # --beta: the jsd student's JSD beta (None: the config's default)
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  """Where the runs live and the options every config of this invocation gets."""
+  root: pathlib.Path
+  quick: bool
+  ce: float | None  # --ce: the CE weight of the distilled students (None: the config's default)
+  beta: float | None  # --beta: the jsd student's JSD beta (None: the config's default)
 
-
-def _config(variant: str, root: pathlib.Path, quick: bool, steps: int | None) -> Any:
-  arg = f"{variant},teacher={root / 'teacher' / 'checkpoints'},cache={root / 'teacher_cache'}"
-  arg += (",quick" if quick else "") + (f",steps={steps}" if steps else "") + (f",ce={CE}" if CE is not None else "") + (
-      f",beta={BETA}" if BETA is not None else "")
-  return load_config(f"{CONFIG}:{arg}")
+  def config(self, variant: str, steps: int | None = None) -> Any:
+    arg = f"{variant},teacher={self.root / 'teacher' / 'checkpoints'},cache={self.root / 'teacher_cache'}"
+    arg += (",quick" if self.quick else "") + (f",steps={steps}" if steps else "") + (
+        f",ce={self.ce}" if self.ce is not None else "") + (f",beta={self.beta}" if self.beta is not None else "")
+    return load_config(f"{CONFIG}:{arg}")
 
 
 def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
@@ -59,9 +64,9 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   return summary
 
 
-def _seed_summaries(method: str, root: pathlib.Path, seeds: list[int], vmap: bool, quick: bool,
-                    steps: int | None) -> list[dict[str, Any]]:
-  config = _config(method, root, quick, steps)
+def _seed_summaries(method: str, runs: Runs, seeds: list[int], vmap: bool, steps: int | None
+                    ) -> list[dict[str, Any]]:
+  config, root = runs.config(method, steps), runs.root
   if vmap:
     config.seed, config.vmap_seeds = seeds[0], len(seeds)
     return _train(config, root / method)["runs"]
@@ -72,12 +77,12 @@ def _seed_summaries(method: str, root: pathlib.Path, seeds: list[int], vmap: boo
   return out
 
 
-def _cache(root: pathlib.Path, quick: bool) -> tuple[float, int]:
+def _cache(runs: Runs) -> tuple[float, int]:
   """Builds the teacher cache (skipped when finished); its build time and size on disk."""
   from kdlab import teacher_cache
-  out = root / "teacher_cache"
+  out = runs.root / "teacher_cache"
   t0 = time.time()
-  meta, built = teacher_cache.cache_teacher(_config("kd-cached", root, quick, None), out)
+  meta, built = teacher_cache.cache_teacher(runs.config("kd-cached"), out)
   seconds = time.time() - t0 if built else float(meta["created"]["seconds"])
   size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
   return seconds, size
@@ -132,13 +137,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--quick", action="store_true", help="tiny models and a few steps (smoke test)")
   parser.add_argument("--out", default=str(HERE / "results.md"), help="where to write the results table")
   args = parser.parse_args(argv)
-  global CE, BETA
-  CE, BETA = args.ce, args.beta
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown or "student" not in methods:
     parser.error(f"--methods: unknown {unknown}" if unknown else "--methods must include student (the baseline)")
   root = pathlib.Path(args.workdir)
+  runs = Runs(root, args.quick, args.ce, args.beta)
   seeds = list(range(args.seeds))
   import jax
   # The seeds of a method compile the same steps: keep the executables on disk between runs.
@@ -148,15 +152,15 @@ def main(argv: list[str] | None = None) -> int:
   print(f"lm_token_kd: {', '.join(methods)} over seeds {seeds}, runs in {root} (load {load_start})", flush=True)
 
   t0 = time.time()
-  teacher = _train(_config("teacher", root, args.quick, args.teacher_steps), root / "teacher")
+  teacher = _train(runs.config("teacher", args.teacher_steps), root / "teacher")
   teacher_time = time.time() - t0
   cache_line, seconds = "", 0.0
   if "kd-cached" in methods:
-    seconds, size = _cache(root, args.quick)
-    cache_line = (f"The teacher cache (top-{_config('kd-cached', root, args.quick, None).teacher_cache_k} "
+    seconds, size = _cache(runs)
+    cache_line = (f"The teacher cache (top-{runs.config('kd-cached').teacher_cache_k} "
                   f"log-probabilities per byte of the train split) took {seconds:.0f} s to build and holds "
                   f"{size / 2**20:.0f} MiB.")
-  results = {m: _seed_summaries(m, root, seeds, args.vmap, args.quick, args.student_steps) for m in methods}
+  results = {m: _seed_summaries(m, runs, seeds, args.vmap, args.student_steps) for m in methods}
   total = time.time() - start
   load_end = _load()
   # What a fresh invocation costs at the load these runs saw, cached runs included.
@@ -170,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     checks.append(f"- {m}: mean KL {np.mean(kl):.4f} vs {base:.4f} for the CE student: "
                   f"{'lower' if np.mean(kl) < base else 'NOT lower'}"
                   f"{' (lower for every seed)' if per_seed else ' (not lower for every seed)'}")
-  config = _config("student", root, args.quick, args.student_steps)
-  t_config = _config("teacher", root, args.quick, args.teacher_steps)
+  config = runs.config("student", args.student_steps)
+  t_config = runs.config("teacher", args.teacher_steps)
   command = "python paper_repro/lm_token_kd/run.py" + "".join(
       f" {flag}" for flag, on in (("--quick", args.quick), ("--vmap", args.vmap)) if on) + (
       f" --seeds {args.seeds}" if args.seeds != 3 else "") + (
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
       f"divergences at T = 1. Metrics per validation byte (token-weighted); KL and agreement against the "
       f"teacher; mean +/- sample std over seeds {seeds}.",
       "",
-      "Objectives: " + "; ".join(f"{m}: {_objective(_config(m, root, args.quick, args.student_steps))}"
+      "Objectives: " + "; ".join(f"{m}: {_objective(runs.config(m, args.student_steps))}"
                                  for m in methods) + ".",
       "",
       header,
