@@ -268,6 +268,5 @@ def main() -> None:
                                                    "info": infos}, indent=1))
 
 
-
 if __name__ == "__main__":
   main()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "configs"))
 from kdlab.config import load  # noqa: E402
+from kdlab.repro import cpu_name  # noqa: E402
 from kdlab.train.loop import train  # noqa: E402
 
 CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "hinton_mnist.py")
@@ -137,7 +137,7 @@ def main() -> None:
     vm = per_step(args.seeds, args.n1, args.n2, root)
   seq_tput, vm_tput = 1 / seq, args.seeds / vm
   peak = args.peak_gflops or matmul_peak()
-  print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} "
+  print(f"machine: {cpu_name()}, {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), jax {jax.__version__}; MLP {sizes}, {params:,} params, batch {config.data.batch_size}, "
         f"{flops / 1e9:.2f} GFLOP per seed-step; fp32 matmul peak {peak:.0f} GFLOP/s"
         f"{' (given)' if args.peak_gflops else ' (4096^3, measured now)'}")

@@ -187,7 +187,6 @@ def _samples(workdir: pathlib.Path, args: argparse.Namespace, times: Times, stag
   return result
 
 
-
 def _load() -> str:
   return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 

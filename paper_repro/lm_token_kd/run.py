@@ -121,7 +121,6 @@ def _load() -> str:
   return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/lm_token_kd")
