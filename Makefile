@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 
-.PHONY: demo test install clean
+.PHONY: demo test check-tests install clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(wildcard requirements/lock-py*.txt) tools/install.sh
@@ -14,6 +14,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -n auto -p no:cacheprovider
+
+# Each feature switched off in turn (tests/feature_off/): the tests guarding it must fail.
+check-tests: install
+	$(PY) -m tests.feature_off.run
 
 clean:
 	rm -rf $(VENV) runs

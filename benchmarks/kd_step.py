@@ -61,7 +61,7 @@ from kdlab.train.step import Teacher, make_train_step, run_teachers
 HERE = pathlib.Path(__file__).resolve().parent
 TEACHER, STUDENT, NUM_CLASSES = "resnet32x4", "resnet8x4", 100
 DONATE_VAR = "KD_STEP_DONATE"  # "0" in a --variant's environment: that kdlab worker does not donate the state.
-TEACHER_FORWARD_GFLOP, STUDENT_STEP_GFLOP = 138.6, 67.9  # PyTorch's flop counter (shared/NOTES.md).
+TEACHER_FORWARD_GFLOP, STUDENT_STEP_GFLOP = 138.6, 67.9  # PyTorch's flop counter (docs/measured.md).
 
 
 def config(kind: str) -> ml_collections.ConfigDict:
@@ -202,7 +202,7 @@ def main() -> None:
   parser.add_argument("--variant", action="append", default=[], metavar="LABEL|VAR=VALUE|...",
                       help="an extra kdlab worker with these environment variables (e.g. XLA_FLAGS=...)")
   parser.add_argument("--torch-channels-last", action="store_true")
-  parser.add_argument("--peak-gflops", type=float, default=134.0, help="machine fp32 matmul peak (shared/NOTES.md)")
+  parser.add_argument("--peak-gflops", type=float, default=134.0, help="machine fp32 matmul peak (docs/measured.md)")
   parser.add_argument("--json", default=None, help="also write the raw times here")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()

@@ -122,7 +122,7 @@ def term_names() -> list[str]:
 
 
 _SCHEDULE_ALIASES = {
-    # DESIGN.md's short form: dict(schedule="linear", init=, end=, steps=).
+    # The short form of docs/design.md: dict(schedule="linear", init=, end=, steps=).
     "linear": ("linear_schedule", {"init": "init_value", "end": "end_value", "steps": "transition_steps"}),
     "constant": ("constant_schedule", {"value": "value"}),
 }

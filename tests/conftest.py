@@ -21,17 +21,21 @@ def kdlab_cmd(*args: str) -> list[str]:
 
 def run_child(args: list[str], *, devices: int = 1, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
   """Runs ``args`` in a fresh process with ``devices`` simulated CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", WANDB_MODE="disabled",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT, **kwargs)
+  proc = subprocess.run(args, env=child_env(devices), capture_output=True, text=True, cwd=ROOT, **kwargs)
   if check and proc.returncode != 0:
     raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
   return proc
 
 
 def child_env(devices: int = 1) -> dict[str, str]:
+  """The environment of a child process: ``devices`` simulated CPU devices, no W&B, kdlab importable.
+
+  ``PYTHONPATH`` keeps what it had after the repository root (a feature-off plugin puts its
+  ``sitecustomize`` there, so the child runs with the feature off too).
+  """
+  path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", WANDB_MODE="disabled",
-              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+              JAX_PLATFORMS="cpu", PYTHONPATH=path)
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -42,3 +46,26 @@ def tree_snapshot(root: pathlib.Path) -> dict[str, tuple[int, bytes]]:
   """Every file under ``root`` with its mtime and contents (to prove nothing changed)."""
   return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
           for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def count_train_steps(monkeypatch) -> list[int]:
+  """Records ``state.step`` at the start of every train step ``kdlab.train.loop`` executes in this process.
+
+  Call ``jax.effects_barrier()`` before reading the list (the steps record it from the device).
+  """
+  import jax
+  from kdlab.train import loop
+  steps: list[int] = []
+  make = loop.make_train_step
+
+  def counting_make_train_step(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def step(state, teacher_variables, batch):
+      jax.debug.callback(lambda s: steps.append(int(s)), state.step)
+      return step_fn(state, teacher_variables, batch)
+
+    return step
+
+  monkeypatch.setattr(loop, "make_train_step", counting_make_train_step)
+  return steps
