@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 
 import kdlab  # noqa: E402
 import kdlab.models.gpt  # noqa: E402,F401  (registers "gpt")
-from kdlab.generate import sample_logits  # noqa: E402
+from kdlab.sampling import sample_logits  # noqa: E402
 from kdlab.models import registry  # noqa: E402
 from kdlab.repro import cpu_name  # noqa: E402
 

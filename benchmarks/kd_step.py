@@ -10,7 +10,7 @@ step of RepDistiller's KD recipe. Three steps on each side:
   student  the student's step alone (loss = CE, no teacher)
   teacher  the teacher's forward alone
 
-kdlab's steps are the code a training run executes: the objective from ``kdlab.objectives.build``
+kdlab's steps are the code a training run executes: the objective from ``kdlab.objective.build``
 on a ``config.objective`` list, the optimizer from ``kdlab.train.optim.make`` on a
 ``config.optimizer`` dict, ``kdlab.train.state.init_state`` and ``kdlab.train.step.make_train_step``,
 jitted with the state donated as ``kdlab.train.loop`` does. The teacher forward is
@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kdlab import models, objectives
+from kdlab import models, objective as objectives
 from kdlab.ops import conv as conv_ops
 from kdlab.repro import cpu_name
 from kdlab.train import optim

@@ -51,7 +51,7 @@ KD_T = 4.0                # RepDistiller's --kd_T, mdistiller's DKD.T.
 FT_PARAPHRASER_LR = 0.01  # RepDistiller's lr for FT's paraphraser (helper/pretrain.py, ResNet students).
 STAGES = ["stage1", "stage2", "stage3"]
 PREACTS = [f"{s}_preact" for s in STAGES]
-# The CRD table's methods (RepDistiller), DKD (mdistiller), then the other terms of kdlab/terms.py
+# The CRD table's methods (RepDistiller), DKD (mdistiller), then the other terms of kdlab/objective/terms/
 # that apply to a CNN classifier (attention_kl / value_relation need transformer attention maps).
 METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "crd+kd",
            "dkd", "reverse_kl", "jsd", "tvd", "logit_l2", "hard_ce", "info_nce")

@@ -125,7 +125,7 @@ def plot_heatmap(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Path) 
     if acc:
       i, j = rows_t.index(sweep.tick(a0, s)), cols_t.index(sweep.tick(a1, s))
       mean[i, j] = 100 * np.mean(acc)
-      text[i][j] = ksweep.mean_std(acc, 100).replace(" +/- ", "\n+/- ")
+      text[i][j] = ksweep.mean_std(acc, "{:.2f}", 100).replace(" +/- ", "\n+/- ")
   if np.isnan(mean).all():
     return False
   fig = _figure(1.6 + 1.3 * len(cols_t), 1.4 + 0.8 * len(rows_t))
@@ -207,7 +207,7 @@ def _best(workdir: pathlib.Path, sweep: ksweep.Sweep) -> str:
     return ""
   r = max(rows, key=lambda r: np.mean(r["test_accuracy"]))
   what = ", ".join(f"{sweep.axis_label(a)} = {sweep.tick(a, r['setting'])}" for a in sweep.axes) or r["setting"].name
-  return (f"Best by mean last-epoch test accuracy: {what} ({ksweep.mean_std(r['test_accuracy'], 100)}%, "
+  return (f"Best by mean last-epoch test accuracy: {what} ({ksweep.mean_std(r['test_accuracy'], '{:.2f}', 100)}%, "
           f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}).")
 
 

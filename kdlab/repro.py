@@ -6,11 +6,11 @@ import json
 import pathlib
 import platform
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
-import numpy as np
 
+from kdlab.sweep import mean_std  # noqa: F401  (the reproductions' tables use it from here)
 from kdlab.train.loop import train
 
 
@@ -28,13 +28,6 @@ def run_cached(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, quie
     print(f"  {workdir}: test accuracy {summary['test_accuracy']:.4f}, {summary['test_errors']} errors "
           f"({time.time() - t0:.0f} s)", flush=True)
   return summary
-
-
-def mean_std(values: Sequence[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
-  """``"m +/- s"`` with the sample standard deviation (0 for one value)."""
-  a = scale * np.asarray(values, float)
-  std = a.std(ddof=1) if len(a) > 1 else 0.0
-  return f"{fmt.format(a.mean())} +/- {fmt.format(std)}"
 
 
 def cpu_name() -> str:

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from kdlab import files
 from kdlab import config as kconfig
 from kdlab.errors import UserError
 
@@ -457,7 +458,7 @@ def plan(config_spec: str, sweep_file: str,
 def check(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
   """Builds every setting's config abstractly (models, objective, data, teacher checkpoints) as ``train``
   would, so a bad setting stops the sweep before any run starts."""
-  from kdlab.train.loop import prepare  # Lazy: imports JAX.
+  from kdlab.train.prepare import prepare  # Lazy: imports JAX.
   for setting in sweep.settings:
     try:
       prepare(run_config(base, sweep, Run(setting, sweep.seeds[0])))
@@ -524,12 +525,6 @@ class _Lock:
     self.file.close()
 
 
-def _write_json(path: pathlib.Path, data: Any) -> None:
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(data, indent=2))
-  os.replace(tmp, path)  # Atomic: parallel workers write the same file.
-
-
 def run_sweep(config_spec: str, sweep_file: str, workdir: str | pathlib.Path, base_overrides: Sequence[str] = (),
               *, parallel: int = 1, use_wandb: bool = True, worker: bool = False) -> list[str]:
   """Validates, then trains every unfinished run; returns the names of runs that failed.
@@ -553,7 +548,7 @@ def run_sweep(config_spec: str, sweep_file: str, workdir: str | pathlib.Path, ba
 
   # Everything is valid: from here on the workdir is written.
   workdir.mkdir(parents=True, exist_ok=True)
-  _write_json(workdir / "sweep.json", sweep.to_json())
+  files.write_json(workdir / "sweep.json", sweep.to_json())
   runs = sweep.runs()
   todo = [(i, r) for i, r in enumerate(runs, 1) if not finished(workdir, r)]
   workers = min(parallel, len(todo))
@@ -716,15 +711,18 @@ def results_csv(workdir: pathlib.Path, sweep: Sweep) -> str:
   return out.getvalue()
 
 
-def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
-  """``"97.10 +/- 0.12"`` (sample std, ddof=1); one value has no spread; none gives a dash."""
+def mean_std(values: Sequence[float | None], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+  """``"97.10 +/- 0.12"`` (``fmt`` of the mean and the sample std, ddof=1, of ``scale * values``).
+
+  None values are left out; one value is shown alone (it has no spread); none gives a dash.
+  """
   values = [v for v in values if v is not None]
   if not values:
     return "-"
   a = scale * np.asarray(values, float)
   if len(a) == 1:
-    return f"{a[0]:.{digits}f}"
-  return f"{a.mean():.{digits}f} +/- {a.std(ddof=1):.{digits}f}"
+    return fmt.format(a[0])
+  return f"{fmt.format(a.mean())} +/- {fmt.format(a.std(ddof=1))}"
 
 
 def stats(workdir: pathlib.Path, sweep: Sweep) -> list[dict[str, Any]]:
@@ -766,11 +764,11 @@ def _lm_table(rows: list[dict[str, Any]], sweep: Sweep) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for i, r in enumerate(rows):
     setting = r["setting"]
-    last = mean_std(r.get("val_loss", []), digits=4)
+    last = mean_std(r.get("val_loss", []), "{:.4f}")
     cells = ([setting.name] if not sweep.axes else []) + [format_value(setting.values[p]) for p in sweep.paths] + [
-        f"**{last}**" if i == best and len(rows) > 1 else last, mean_std(r.get("best_val_loss", []), digits=4),
-        mean_std(r.get("val_ppl", []), digits=3), mean_std(r.get("val_accuracy", []), 100),
-        mean_std(r["kl_teacher"], digits=4), mean_std(r["agreement_top1"], 100), str(len(r["seeds"]))]
+        f"**{last}**" if i == best and len(rows) > 1 else last, mean_std(r.get("best_val_loss", []), "{:.4f}"),
+        mean_std(r.get("val_ppl", []), "{:.3f}"), mean_std(r.get("val_accuracy", []), "{:.2f}", 100),
+        mean_std(r["kl_teacher"], "{:.4f}"), mean_std(r["agreement_top1"], "{:.2f}", 100), str(len(r["seeds"]))]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -792,11 +790,11 @@ def results_table(workdir: pathlib.Path, sweep: Sweep) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for i, r in enumerate(rows):
     setting = r["setting"]
-    last = mean_std(r["test_accuracy"], 100)
+    last = mean_std(r["test_accuracy"], "{:.2f}", 100)
     cells = ([setting.name] if not sweep.axes else []) + [format_value(setting.values[p]) for p in sweep.paths] + [
         f"**{last}**" if i == best and len(rows) > 1 else last,
-        mean_std(r["best_test_accuracy"], 100), mean_std(r["test_errors"], digits=1),
-        mean_std(r["agreement_top1"], 100), mean_std(r["kl_teacher"], digits=4), str(len(r["seeds"]))]
+        mean_std(r["best_test_accuracy"], "{:.2f}", 100), mean_std(r["test_errors"], "{:.1f}"),
+        mean_std(r["agreement_top1"], "{:.2f}", 100), mean_std(r["kl_teacher"], "{:.4f}"), str(len(r["seeds"]))]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -19,11 +19,11 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from kdlab import losses, models, objectives
+from kdlab import losses, models, objective as objectives
 from kdlab.config import load, load_python_file
 from kdlab.errors import UserError
 from kdlab.models import connectors
-from kdlab.objectives import ModelOutput, Shapes, StepInputs
+from kdlab.objective import ModelOutput, Shapes, StepInputs
 from kdlab.train.checkpoint import Checkpointer
 from kdlab.train.loop import train
 from kdlab.train.state import Learner, init_state

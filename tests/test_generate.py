@@ -1,4 +1,4 @@
-"""KV-cache decoding and ``kdlab.generate``: equal to full recomputation, greedy/top-k/top-p
+"""KV-cache decoding and ``kdlab.generate`` (kdlab.sampling): equal to full recomputation, greedy/top-k/top-p
 semantics, right-padded batches, bad input, a mesh, and ``kdlab sample`` on a saved run."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import kdlab.models.gpt  # noqa: F401  (registers "gpt")
 from kdlab import cli
 from kdlab.data.text import ByteTokenizer
 from kdlab.errors import UserError
-from kdlab.generate import sample_logits
+from kdlab.sampling import sample_logits
 from kdlab.models import registry
 
 CFG = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, max_len=24, tie_embeddings=False)

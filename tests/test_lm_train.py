@@ -11,7 +11,8 @@ from kdlab import cli
 from kdlab.config import load
 from kdlab.errors import UserError
 from kdlab.train import checkpoint
-from kdlab.train.loop import prepare, train
+from kdlab.train.prepare import prepare
+from kdlab.train.loop import train
 
 from conftest import ROOT, read_jsonl
 
@@ -160,7 +161,7 @@ def test_sweep_tables_and_report_of_language_model_runs(tmp_path):
 
 
 def test_distillation_recipe_warms_up_on_ce_and_scales_jsd_to_kl():
-  from kdlab.objectives import make_schedule
+  from kdlab.objective import make_schedule
   kd = load(f"{LM}:kd").objective
   weight = make_schedule(kd[0]["weight"], "kd")
   assert [float(weight(s)) for s in (0, 100, 150, 200, 600)] == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.5])

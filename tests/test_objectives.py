@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdlab import losses, objectives
+from kdlab import losses, objective as objectives
 from kdlab.errors import UserError
-from kdlab.objectives import ModelOutput, Shapes, StepInputs
+from kdlab.objective import ModelOutput, Shapes, StepInputs
 
 
 def _shapes(batch=4, classes=5, teacher_classes=5):

@@ -18,12 +18,12 @@ import pytest
 from flax import nnx
 
 import kdlab.models.gpt  # noqa: F401  (registers "gpt")
-from kdlab import cli, objectives
+from kdlab import cli, objective as objectives
 from kdlab.config import load
 from kdlab.errors import UserError
-from kdlab.generate import generate
+from kdlab.sampling import generate
 from kdlab.models import registry
-from kdlab.objectives import ModelOutput, Shapes, StepInputs
+from kdlab.objective import ModelOutput, Shapes, StepInputs
 from kdlab.train import checkpoint, on_policy
 from kdlab.train.loop import train
 from kdlab.train.state import Learner, init_state, split_learner
@@ -241,7 +241,7 @@ def test_generate_data_round_trip_and_training_on_it(teacher, tmp_path, capsys):
   np.testing.assert_array_equal(targets[:, :-1], tokens[:, 1:])
   assert set(np.unique(mask[:, 15:31])) == {1.0} and mask[:, :15].sum() == 0 and mask[:, 31].sum() == 0
   # Row i is the teacher's sample with fold_in(key(seed), i), whatever the batch size.
-  from kdlab.sample import load_lm
+  from kdlab.offline.sample import load_lm
   model = load_lm(teacher.parent)
   i = 37
   row = generate(model, base.tokens[i:i + 1, :16], max_new_tokens=16, temperature=1.0,

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdlab import data as kdata, losses, objectives
+from kdlab import data as kdata, losses, objective as objectives
 from kdlab.config import apply_overrides, load
 from kdlab.errors import UserError
-from kdlab.objectives import ModelOutput, Shapes, StepInputs
+from kdlab.objective import ModelOutput, Shapes, StepInputs
 from kdlab.train import optim
-from kdlab.train.loop import prepare, train
+from kdlab.train.prepare import prepare
+from kdlab.train.loop import train
 from kdlab.train.state import init_state
 from kdlab.train.step import make_train_step
 

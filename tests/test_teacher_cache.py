@@ -15,12 +15,15 @@ import pytest
 from flax import nnx
 
 import kdlab.models.gpt  # noqa: F401  (registers "gpt")
-from kdlab import cli, teacher_cache
+from kdlab import cli
+from kdlab.data import teacher_cache
+from kdlab.offline.cache_teacher import cache_teacher
+from kdlab.train import teachers as teacherlib
 from kdlab.data import text
 from kdlab.errors import UserError
 from kdlab.losses import sequence
 from kdlab.models import registry
-from kdlab.objectives import ModelOutput, Shapes, StepInputs, build
+from kdlab.objective import ModelOutput, Shapes, StepInputs, build
 from kdlab.train.checkpoint import Checkpointer
 from kdlab.train.state import Learner, init_state
 
@@ -258,16 +261,16 @@ def _config(init: str, **data) -> ml_collections.ConfigDict:
 
 def test_fingerprint_names_teacher_tokenizer_data_and_k(teachers):
   base = _config(teachers["a"])
-  fp = teacher_cache.fingerprint(base)
-  assert fp == teacher_cache.fingerprint(_config(teachers["a"])) and fp.startswith("teacher=")
+  fp = teacherlib.fingerprint(base)
+  assert fp == teacherlib.fingerprint(_config(teachers["a"])) and fp.startswith("teacher=")
   student = _config(teachers["a"])  # a student's config: its own model and objective, the same teacher and data
   student.model = dict(name="gpt", vocab_size=V, d_model=16, num_layers=1, num_heads=2, max_len=32)
   student.objective = [dict(loss="topk_kd", weight=1.0)]
   student.teacher_cache = "/some/cache"
-  assert teacher_cache.fingerprint(student) == fp
+  assert teacherlib.fingerprint(student) == fp
 
   def differs(config):
-    return teacher_cache._differing(teacher_cache.fingerprint(config), fp)
+    return teacher_cache._differing(teacherlib.fingerprint(config), fp)
 
   assert differs(_config(teachers["b"])) == ["teacher"]  # same architecture, other weights
   assert differs(_config(teachers["v300"])) == ["teacher", "tokenizer"]
@@ -297,7 +300,7 @@ def test_cache_teacher_then_open_from_student_config(tmp_path, teachers, capsys)
                    "--shard-size=40"]) == 0
   assert "teacher cache built: 94 sequences x 16 tokens, top 8 of 256" in capsys.readouterr().out
   student = _config(teachers["a"])
-  cache = teacher_cache.open_cache(out, expected_fingerprint=teacher_cache.fingerprint(student))
+  cache = teacher_cache.open_cache(out, expected_fingerprint=teacherlib.fingerprint(student))
   got = cache.lookup(np.array([5, 93]))
   dataset = text.pysrc("train", seq_len=L, max_bytes=1500)
   live = _apply_fn(0)  # the same weights as the saved teacher "a"
@@ -305,7 +308,7 @@ def test_cache_teacher_then_open_from_student_config(tmp_path, teachers, capsys)
   assert cli.main(["cache-teacher", f"--config={config_file}", f"--out={out}", "--no-progress"]) == 0
   assert "already exists" in capsys.readouterr().out
   with pytest.raises(UserError, match=r"differs in teacher"):
-    teacher_cache.open_cache(out, expected_fingerprint=teacher_cache.fingerprint(_config(teachers["b"])))
+    teacher_cache.open_cache(out, expected_fingerprint=teacherlib.fingerprint(_config(teachers["b"])))
 
   for args, message in [
       (["--config.teacher_cache_k=300"], "config.teacher_cache_k=300: must be an int in [1, 256]"),
@@ -333,7 +336,7 @@ def test_training_from_a_full_vocab_cache_equals_training_with_the_live_teacher(
   common = f"quick,steps=3,teacher={init},cache={tmp_path / 'cache'},ce=0"
   cached = apply_overrides(load(f"{lm}:kd-cached,k={V},{common}"), ["--config.objective[0].temperature=2.0"])
   live = apply_overrides(load(f"{lm}:kd,{common}"), ["--config.objective[0].temperature=2.0"])
-  teacher_cache.cache_teacher(cached, tmp_path / "cache")
+  cache_teacher(cached, tmp_path / "cache")
   for config, name in ((cached, "cached"), (live, "live")):
     config.train.log_every_steps = 1
     config.train.eval_every_epochs = config.train.checkpoint_every_epochs = 100.0  # only at the end

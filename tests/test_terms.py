@@ -20,9 +20,9 @@ import optax
 import pytest
 from flax import nnx
 
-from kdlab import models, objectives
+from kdlab import models, objective as objectives
 from kdlab.errors import UserError
-from kdlab.objectives import ModelOutput, Shapes
+from kdlab.objective import ModelOutput, Shapes
 from kdlab.train.state import Learner, init_state
 from kdlab.train.step import Teacher, make_train_step
 

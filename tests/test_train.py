@@ -9,7 +9,8 @@ import pytest
 from kdlab import cli
 from kdlab.config import apply_overrides, load
 from kdlab.data import load as load_source
-from kdlab.train.loop import evaluate_run, train
+from kdlab.train.evaluate import evaluate_run
+from kdlab.train.loop import train
 
 from conftest import HINTON, tree_snapshot
 

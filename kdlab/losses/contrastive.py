@@ -13,12 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from kdlab.losses import _checks
+from kdlab.losses.features import l2_normalize
 
 _NCE_EPS = 1e-7  # RepDistiller's eps in the NCE posterior.
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 class CRDState(NamedTuple):
@@ -122,8 +119,8 @@ def crd(s_embed: jax.Array, t_embed: jax.Array, indices: jax.Array, state: CRDSt
                        f"got {negative_indices.shape}")
   idx = jnp.concatenate([indices[:, None], negative_indices], axis=1)
 
-  s = _l2_normalize(s)
-  t = _l2_normalize(t)
+  s = l2_normalize(s)
+  t = l2_normalize(t)
   memory_s = jax.lax.stop_gradient(state.memory_s)
   memory_t = jax.lax.stop_gradient(state.memory_t)
 
@@ -138,7 +135,7 @@ def crd(s_embed: jax.Array, t_embed: jax.Array, indices: jax.Array, state: CRDSt
 
   def update(bank, embed):
     rows = momentum * bank[indices] + (1.0 - momentum) * jax.lax.stop_gradient(embed)
-    return bank.at[indices].set(_l2_normalize(rows))
+    return bank.at[indices].set(l2_normalize(rows))
 
   new_state = CRDState(update(memory_s, s), update(memory_t, t), z_s, z_t)
   return loss, new_state
@@ -167,7 +164,7 @@ def info_nce(s_embed: jax.Array, t_embed: jax.Array, *, temperature: float = 0.1
   _checks.same_shape("s_embed", s, "t_embed", t)
   _checks.rank("s_embed", s, 2)
   _checks.positive("temperature", temperature)
-  logits = _l2_normalize(s) @ _l2_normalize(t).T / temperature
+  logits = l2_normalize(s) @ l2_normalize(t).T / temperature
   diag = jnp.diagonal(logits)
   row = jax.nn.logsumexp(logits, axis=1) - diag
   col = jax.nn.logsumexp(logits, axis=0) - diag

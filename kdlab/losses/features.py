@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from kdlab.losses import _checks
 
 
-def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  # x / max(||x||, eps), like torch.nn.functional.normalize, with a finite gradient at 0.
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """``x / max(||x||, eps)`` along ``axis``, like ``torch.nn.functional.normalize``, with a finite gradient at 0."""
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
@@ -88,8 +88,8 @@ def sp(s_feat: jax.Array, t_feat: jax.Array) -> jax.Array:
     ``[B]`` per-anchor ``sum_j (G_t - G_s)_ij^2 / B``; their mean is the batch loss.
   """
   s, t = _relational(s_feat, t_feat, "s_feat", "t_feat")
-  g_s = _l2_normalize(s @ s.T)
-  g_t = _l2_normalize(t @ t.T)
+  g_s = l2_normalize(s @ s.T)
+  g_t = l2_normalize(t @ t.T)
   return jnp.sum(jnp.square(g_t - g_s), axis=-1) / s.shape[0]
 
 
@@ -158,7 +158,7 @@ def rkd_angle(s: jax.Array, t: jax.Array) -> jax.Array:
   _check_pairs(s)
 
   def psi(x):
-    e = _l2_normalize(x[None, :, :] - x[:, None, :])
+    e = l2_normalize(x[None, :, :] - x[:, None, :])
     return jnp.einsum("ijd,ikd->ijk", e, e)
 
   return jnp.mean(_smooth_l1(psi(s) - psi(t)), axis=(1, 2))
@@ -227,8 +227,8 @@ def nst(s_feat: jax.Array, t_feat: jax.Array, *, where: jax.Array | None = None)
     ``[B]`` per-example MMD^2 (>= 0); the batch mean equals RepDistiller's.
   """
   _check_spatial("s_feat", s_feat, "t_feat", t_feat)
-  s = _l2_normalize(_positions("s_feat", s_feat))
-  t = _l2_normalize(_positions("t_feat", t_feat))
+  s = l2_normalize(_positions("s_feat", s_feat))
+  t = l2_normalize(_positions("t_feat", t_feat))
 
   def k(a, b):
     return jnp.mean(jnp.square(jnp.einsum("bip,bjp->bij", a, b)), axis=(1, 2))
@@ -261,7 +261,7 @@ def cc(s: jax.Array, t: jax.Array, *, gamma: float = 0.4, order: int = 2) -> jax
   _checks.positive_int("order", order)
 
   def corr(x):
-    x = _l2_normalize(x)
+    x = l2_normalize(x)
     c = x @ x.T
     return sum(jnp.exp(-2.0 * gamma) * (2.0 * gamma)**p / math.factorial(p) * c**p
                for p in range(order + 1))
@@ -401,5 +401,5 @@ def ft(s_factor: jax.Array, t_factor: jax.Array, *, p: float = 1,
   """
   s, t = _per_example_pair("s_factor", s_factor, "t_factor", t_factor)
   _checks.positive("p", p)
-  diff = _l2_normalize(_flat(s)) - _l2_normalize(_flat(t))
+  diff = l2_normalize(_flat(s)) - l2_normalize(_flat(t))
   return _checks.apply_where(jnp.mean(jnp.abs(diff)**p, axis=-1), where)

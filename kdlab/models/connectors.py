@@ -1,6 +1,6 @@
 """Learnable connectors: the adapters distillation methods put between student and teacher taps.
 
-A connector is an NNX module owned by one objective term (see :mod:`kdlab.terms`), built from the
+A connector is an NNX module owned by one objective term (see :mod:`kdlab.objective.terms`), built from the
 abstract tap shapes, stored in the learner next to the student and trained with it. Every
 connector is called as ``connector(x, *, train)``; the train step uses ``train=True`` (batch
 statistics, updated running averages that live in the learner's non-parameter state).

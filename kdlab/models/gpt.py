@@ -23,7 +23,7 @@ created sharded (every logical name needs a rule, ``None`` = replicated)::
 
 Without a mesh the names stay as metadata (``nnx.get_partition_spec``).
 
-Generation with a KV cache (``kdlab.generate`` drives it; docs/generation.md)::
+Generation with a KV cache (``kdlab.sampling.generate`` drives it; docs/generation.md)::
 
   cache = model.init_cache(batch, length)              # zeros, keys/values [B, length, H, Dh]
   logits, cache = model.decode(tokens, cache, positions)

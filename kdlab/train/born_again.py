@@ -15,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 from flax import nnx
 
-from kdlab import objectives
 from kdlab.errors import UserError
+from kdlab.objective import build as build_objective
+from kdlab.train.evaluate import evaluate_ensemble
+from kdlab.train.prepare import check_workdir, prepare
 
 
 def generation_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, k: int) -> ml_collections.ConfigDict:
@@ -37,10 +39,14 @@ def generation_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, 
   return c
 
 
-def train_chain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use_wandb: bool = True,
+def train_chain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                train_run: Callable[..., dict[str, Any]], *, use_wandb: bool = True,
                 progress: bool = True) -> dict[str, Any]:
-  """Trains generations 0..K in ``workdir/gen{k}`` and writes ``workdir/summary.json``."""
-  from kdlab.train.loop import evaluate_ensemble, prepare, train_run
+  """Trains generations 0..K in ``workdir/gen{k}`` and writes ``workdir/summary.json``.
+
+  ``train_run(config, workdir, use_wandb=..., progress=...)`` trains one generation (the loop's
+  :func:`kdlab.train.loop.train_run`, which calls this module for chains).
+  """
   workdir = pathlib.Path(workdir)
   generations = config.born_again.generations
   if not isinstance(generations, int) or generations < 1:
@@ -51,11 +57,10 @@ def train_chain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, 
   # before anything is trained.
   setup = prepare(generation_config(config, workdir, 0))
   shapes = dataclasses.replace(setup.shapes, teachers=[setup.shapes.student], teacher_names=["previous"])
-  objectives.build(config.objective, shapes, nnx.Rngs(0))
+  build_objective(config.objective, shapes, nnx.Rngs(0))
 
-  from kdlab.train.loop import _check_workdir
   config_json = config.to_json(indent=2, sort_keys=True)
-  _check_workdir(workdir, config_json)
+  check_workdir(workdir, config_json)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_json)
   summaries = []

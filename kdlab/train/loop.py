@@ -8,7 +8,6 @@ the task's (:mod:`kdlab.train.tasks`), picked from ``config.data.source``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -20,255 +19,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 from tqdm import tqdm
 
-from kdlab import data as kdata
-from kdlab import models, objectives
 from kdlab.errors import UserError
-from kdlab.train import checkpoint, mesh as meshlib, on_policy, optim, tasks
+from kdlab import mesh as meshlib
+from kdlab.train import born_again, checkpoint, on_policy, optim, tasks
+from kdlab.train import teachers as teacherlib
+from kdlab.train.evaluate import eval_totals
+from kdlab.train.prepare import check_workdir, prepare
 from kdlab.train.logging import MetricsLog, WandbLog
-from kdlab.train.state import Learner, TrainState, init_state
-from kdlab.train.step import (Teacher, accumulate, forward, make_eval_step, make_train_step, reduce_metrics,
-                              run_teachers)
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything built from a validated config, before any workdir write.
-
-  ``test_source`` is the eval split (``test`` for classification, ``validation`` for text).
-  ``objective_teachers`` are the indices in ``teacher_specs`` the objective sees (all but the
-  ``eval_only`` ones); ``teacher_specs[0]`` is the one eval metrics compare against.
-  """
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  train_source: Any
-  test_source: Any
-  student_kwargs: dict[str, Any]
-  teacher_specs: list[dict[str, Any]]
-  objective: objectives.Objective
-  learner: Learner
-  steps_per_epoch: int
-  total_steps: int
-  ema_decay: Any = None
-  shapes: objectives.Shapes | None = None
-  task: tasks.Task = tasks.CLASSIFICATION
-  num_outputs: int = 0
-  student_taps: tuple[str, ...] = ()
-  objective_teachers: tuple[int, ...] = ()
-  cache: Any = None
-
-
-def _model_kwargs(cfg: Any, field: str) -> dict[str, Any]:
-  kwargs = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  name = kwargs.get("name")
-  if name not in models.names():
-    raise UserError(f"{field}.name: unknown model {name!r}; choose one of {', '.join(models.names())}")
-  return kwargs
-
-
-def _create(kwargs: dict[str, Any], field: str, seed: int) -> nnx.Module:
-  kwargs = dict(kwargs)
-  try:
-    return models.create(kwargs.pop("name"), seed=seed, **kwargs)
-  except TypeError as e:
-    raise UserError(f"{field}: {e}") from None
-  except ValueError as e:
-    raise UserError(f"{field}: {e}") from None
-
-
-def _teacher_spec(entry: Any, i: int) -> dict[str, Any]:
-  """Resolves ``config.teachers[i]``: its checkpoint and model (from the teacher run's config.json)."""
-  field = f"config.teachers[{i}]"
-  entry = dict(entry)
-  init = entry.get("init")
-  if not init:
-    raise UserError(f"{field}.init: missing; set it to a finished run's checkpoints/ folder")
-  ckpt = pathlib.Path(init)
-  if not ckpt.is_dir() or not any(p.name.isdigit() for p in ckpt.iterdir()):
-    raise UserError(f"{field}.init: no teacher checkpoint at {init!r}; train the teacher first "
-                    f"(kdlab train --config=...:teacher --workdir=...) or fix the path")
-  run_config = ckpt.parent / "config.json"
-  if run_config.exists():
-    model = json.loads(run_config.read_text())["model"]
-  elif "model" in entry:
-    model = entry["model"] if isinstance(entry["model"], dict) else {"name": entry["model"]}
-  else:
-    raise UserError(f"{field}.model: {init!r} has no config.json beside it; give the teacher's model dict")
-  eval_only = entry.get("eval_only", False)
-  if not isinstance(eval_only, bool):
-    raise UserError(f"{field}.eval_only must be True or False, got {eval_only!r}")
-  return {"name": entry.get("name", f"t{i}"), "init": str(ckpt), "model": _model_kwargs(model, f"{field}.model"),
-          "eval_only": eval_only}
-
-
-def _requested_taps(specs: Sequence[Any]) -> set[str]:
-  """Every tap name the objective's terms mention (their ``student`` / ``teacher`` options)."""
-  found: set[str] = set()
-
-  def walk(value: Any) -> None:
-    if isinstance(value, str):
-      found.add(value)
-    elif isinstance(value, (list, tuple)):
-      for v in value:
-        walk(v)
-
-  for spec in specs:
-    spec = dict(spec)
-    walk(spec.get("student"))
-    walk(spec.get("teacher"))
-  return found
-
-
-def _abstract_output(model: nnx.Module, x: jax.ShapeDtypeStruct, requested: set[str]
-                     ) -> tuple[objectives.ModelOutput, tuple[str, ...]]:
-  """The model's abstract output with the requested optional taps (those ``tap_names()`` lists
-  but a plain call does not compute, e.g. gpt's ``attn{i}``), and those taps."""
-  out = jax.eval_shape(lambda m, x: forward(m, x, train=False), model, x)
-  names = model.tap_names() if callable(getattr(model, "tap_names", None)) else []
-  taps = tuple(sorted(n for n in names if n in requested and n not in out.feats))
-  if taps:
-    out = jax.eval_shape(lambda m, x: forward(m, x, train=False, taps=taps), model, x)
-  return out, taps
-
-
-def _open_cache(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> Any:
-  """``config.teacher_cache``: opens it (checking its fingerprint) and adds its keys to the abstract ``batch``."""
-  path = config.get("teacher_cache")
-  if not path:
-    return None
-  from kdlab import teacher_cache  # Lazy: only runs that read a cache need it.
-  cache = teacher_cache.open_cache(path, expected_fingerprint=teacher_cache.fingerprint(config))
-  index = batch["index"]
-  sample = cache.lookup(np.arange(index.shape[0]) % max(len(cache), 1))
-  for k, v in sample.items():
-    batch[k] = jax.ShapeDtypeStruct((index.shape[0], *v.shape[1:]), v.dtype)
-  return cache
-
-
-def prepare(config: ml_collections.ConfigDict) -> Setup:
-  """Validates ``config`` and builds sources, models and the objective (abstractly where costly)."""
-  mesh = meshlib.make_mesh(config.mesh)
-  data_cfg = config.data
-  meshlib.check_batch_size(data_cfg.batch_size, mesh)
-  meshlib.check_batch_size(data_cfg.eval_batch_size, mesh, "config.data.eval_batch_size")
-  task = tasks.for_source(data_cfg.source)
-  train_source, test_source = task.load(data_cfg)
-  if data_cfg.batch_size > len(train_source):
-    raise UserError(f"config.data.batch_size={data_cfg.batch_size} exceeds the {len(train_source)} training examples")
-  threads = data_cfg.get("prefetch_threads", 0)
-  if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-    raise UserError(f"config.data.prefetch_threads={threads!r}: use a whole number >= 0 (0: no prefetch threads)")
-
-  student_kwargs = _model_kwargs(config.model, "config.model")
-  student = nnx.eval_shape(lambda: _create(student_kwargs, "config.model", config.seed))
-  teacher_specs = [_teacher_spec(t, i) for i, t in enumerate(config.teachers)]
-  teachers = [nnx.eval_shape(lambda s=s, i=i: _create(s["model"], f"config.teachers[{i}].model", 0))
-              for i, s in enumerate(teacher_specs)]
-  task.check_models(student, teachers, [f"config.teachers[{i}]" for i in range(len(teachers))], data_cfg)
-  on_policy.check(config, task, student)  # config.on_policy (kdlab.train.on_policy)
-
-  batch = task.abstract_batch(train_source, data_cfg.batch_size)
-  x = batch[task.input_key]
-  requested = _requested_taps(config.objective)
-  s_out, student_taps = _abstract_output(student, x, requested)
-  t_outs = []
-  for spec, teacher in zip(teacher_specs, teachers):
-    t_out, spec["taps"] = _abstract_output(teacher, x, requested)
-    t_outs.append(t_out)
-  task.check_outputs(s_out, t_outs, train_source, data_cfg)
-  objective_teachers = tuple(i for i, spec in enumerate(teacher_specs) if not spec["eval_only"])
-  t_outs = [t_outs[i] for i in objective_teachers]
-  teacher_names = [teacher_specs[i]["name"] for i in objective_teachers]
-  ema_decay = None
-  if config.get("ema_teacher"):
-    ema_decay = objectives.make_schedule(config.ema_teacher.get("decay", 0.999), "config.ema_teacher.decay")
-    _check_decay(config.ema_teacher.get("decay", 0.999), ema_decay)
-    t_outs, teacher_names = [*t_outs, s_out], [*teacher_names, "ema"]
-  cache = _open_cache(config, batch)
-  shapes = objectives.Shapes(s_out, t_outs, teacher_names, len(train_source), batch)
-  objective = objectives.build(config.objective, shapes, nnx.Rngs(config.seed + 1))
-
-  steps_per_epoch = len(train_source) // data_cfg.batch_size
-  total_steps = config.train.get("num_steps") or int(config.train.num_epochs * steps_per_epoch)
-  if total_steps <= 0:
-    raise UserError("config.train.num_epochs (or num_steps) must be > 0")
-  optim.make(config.optimizer, steps_per_epoch, total_steps)  # Validates the optimizer fields.
-  warmup = config.get("connector_warmup_steps", 0)
-  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-    raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {warmup!r}")
-  learner = Learner(_create(student_kwargs, "config.model", config.seed), objective.connectors())
-  return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
-               steps_per_epoch, total_steps, ema_decay, shapes, task, int(s_out.logits.shape[-1]), student_taps,
-               objective_teachers, cache)
-
-
-def _check_decay(value: Any, schedule: Any) -> None:
-  """EMA decays must lie in [0, 1) (checked at the schedule's ends for schedules)."""
-  probes = [value] if isinstance(value, (int, float)) else [float(schedule(0)), float(schedule(10**9))]
-  for decay in probes:
-    if not 0.0 <= decay < 1.0:
-      raise UserError(f"config.ema_teacher.decay must be in [0, 1), got {decay}")
-
-
-def _check_workdir(workdir: pathlib.Path, config_json: str) -> None:
-  existing = workdir / "config.json"
-  if existing.exists() and json.loads(existing.read_text()) != json.loads(config_json):
-    raise UserError(f"--workdir={workdir}: it holds a run with a different config; use a new workdir "
-                    f"(or delete it) to start another run")
-
-
-def _load_teachers(setup: Setup, mesh: jax.sharding.Mesh) -> tuple[list[Teacher], list[Any]]:
-  """Frozen teachers and their variables ``(params, rest)``, replicated on the mesh."""
-  teachers, variables = [], []
-  for i, spec in enumerate(setup.teacher_specs):
-    field = f"config.teachers[{i}]"
-    model = _create(spec["model"], f"{field}.model", 0)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    saved_params, saved_rest = checkpoint.load_student_variables(spec["init"], f"{field}.init")
-    try:
-      loaded = (_like(nnx.to_pure_dict(params), saved_params), _like(nnx.to_pure_dict(rest), saved_rest, strict=False))
-    except (KeyError, ValueError):
-      raise UserError(f"{field}.init: the checkpoint does not match model {spec['model']['name']!r} "
-                      f"(different architecture or sizes)") from None
-    variables.append(jax.device_put(loaded, meshlib.replicated(mesh)))
-    teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ()))))
-  return teachers, variables
-
-
-def _like(fresh: Any, saved: Any, strict: bool = True) -> Any:
-  """``saved`` values in the structure of ``fresh`` (orbax turns int keys into strings).
-
-  With ``strict=False`` missing entries and PRNG keys keep their fresh values.
-  """
-  if isinstance(fresh, dict):
-    saved = saved if isinstance(saved, dict) else {}
-    return {k: _like(v, saved.get(k, saved.get(str(k))), strict) for k, v in fresh.items()}
-  if saved is None or jnp.issubdtype(fresh.dtype, jax.dtypes.prng_key):
-    if strict:
-      raise KeyError("missing entry")
-    return fresh
-  if saved.shape != fresh.shape:
-    raise ValueError(f"shape {saved.shape} != {fresh.shape}")
-  return jnp.asarray(saved, fresh.dtype)
-
-
-def evaluate(eval_step, state: TrainState, teacher_vars: Sequence[Any], setup: Setup,
-             logit_offset: np.ndarray | None = None) -> dict[str, Any]:
-  """Student metrics over the whole eval split of ``setup``."""
-  offset = jnp.zeros((setup.num_outputs,), jnp.float32) if logit_offset is None else jnp.asarray(logit_offset)
-  totals: dict[str, Any] = {}
-  for batch in setup.task.eval_batches(setup.test_source, setup.config.data):
-    totals = accumulate(totals, eval_step(state, teacher_vars, _global(batch, setup.mesh), offset))
-  return setup.task.finalize(reduce_metrics(totals))
-
-
-def _global(batch: dict[str, Any], mesh: jax.sharding.Mesh, stacked: bool = False) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global arrays split over the data axes (axis 1 when ``stacked``)."""
-  sharding = meshlib.batch_sharding(mesh, leading_axes=1 if stacked else 0)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+from kdlab.train.state import init_state
+from kdlab.train.step import accumulate, make_eval_step, make_train_step, reduce_metrics
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use_wandb: bool = True,
@@ -279,8 +40,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, use
   :func:`kdlab.train.born_again.train_chain`).
   """
   if config.get("born_again") and config.born_again.get("generations") is not None:
-    from kdlab.train.born_again import train_chain
-    return train_chain(config, workdir, use_wandb=use_wandb, progress=progress)
+    return born_again.train_chain(config, workdir, train_run, use_wandb=use_wandb, progress=progress)
   return train_run(config, workdir, use_wandb=use_wandb, progress=progress)
 
 
@@ -303,7 +63,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     c.seed, c.vmap_seeds = k, 0
     configs.append(c)
   config_json = config.to_json(indent=2, sort_keys=True)
-  _check_workdir(workdir, config_json)
+  check_workdir(workdir, config_json)
   summaries = _train_group(configs, [workdir / f"seed{c.seed}" for c in configs], use_wandb=use_wandb,
                            progress=progress, before_write=lambda: _write_config(workdir, config_json))
   summary: dict[str, Any] = {"seeds": [c.seed for c in configs], "runs": summaries}
@@ -338,9 +98,9 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   setup, config = setups[0], configs[0]
   config_jsons = [c.to_json(indent=2, sort_keys=True) for c in configs]
   for workdir, config_json in zip(workdirs, config_jsons):
-    _check_workdir(workdir, config_json)
+    check_workdir(workdir, config_json)
   mesh = setup.mesh
-  teachers, teacher_vars = _load_teachers(setup, mesh)
+  teachers, teacher_vars = teacherlib.load_teachers(setup.teacher_specs, mesh)
 
   # Everything is valid: from here on the workdirs are written.
   if before_write is not None:
@@ -392,9 +152,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
                 for w, j, c in zip(workdirs, config_jsons, configs)]
 
   def evaluate_all() -> list[dict[str, Any]]:
-    totals: dict[str, Any] = {}
-    for batch in task.eval_batches(setup.test_source, config.data):
-      totals = accumulate(totals, eval_step(state, teacher_vars, _global(batch, mesh), offset))
+    totals = eval_totals(lambda batch: eval_step(state, teacher_vars, batch, offset), setup)
     return [task.finalize(reduce_metrics(t)) for t in _unstack(totals, n)]
 
   offset = jnp.zeros((setup.num_outputs,), jnp.float32)
@@ -411,7 +169,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     batches = [next(it) for it in data_iters]
     if setup.cache is not None:  # The teacher's stored outputs for these sequences (config.teacher_cache).
       batches = [{**b, **setup.cache.lookup(b["index"])} for b in batches]
-    batch = _global(batches[0] if n == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]},
+    batch = meshlib.global_batch(batches[0] if n == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]},
                     mesh, stacked=n > 1)
     t0 = time.time()
     state, metrics = train_step(state, step_teacher_vars, batch)
@@ -473,54 +231,3 @@ def _best(workdir: pathlib.Path, task: tasks.Task) -> float | None:
   return best
 
 
-def evaluate_run(workdir: str | pathlib.Path, *, logit_offset: np.ndarray | None = None) -> dict[str, Any]:
-  """Eval metrics of a finished run's last checkpoint, optionally with ``logit_offset [C]`` added."""
-  workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  setup = prepare(config)
-  teachers, teacher_vars = _load_teachers(setup, setup.mesh)
-  tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
-  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed,
-                               ema=setup.ema_decay is not None)
-  state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(jax.device_put(state, meshlib.replicated(setup.mesh)))
-  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.task))
-  return evaluate(eval_step, state, teacher_vars, setup, logit_offset)
-
-
-def evaluate_ensemble(checkpoint_dirs: Sequence[str | pathlib.Path], config: ml_collections.ConfigDict
-                      ) -> dict[str, Any]:
-  """Test metrics of the ensemble (mean of probabilities) of finished runs' checkpoints.
-
-  ``config`` gives the data (its ``data`` fields); every member must predict
-  the same classes. Returns ``test/accuracy``, ``test/errors``,
-  ``test/errors_per_class`` and ``test/ce`` of the ensemble.
-  """
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.teachers = [dict(init=str(d), name=f"member{i}") for i, d in enumerate(checkpoint_dirs)]
-  config.objective = [dict(loss="ce", weight=1.0)]
-  config.ema_teacher = None
-  setup = prepare(config)
-  if setup.task is not tasks.CLASSIFICATION:
-    raise UserError(f"config.data.source={config.data.source!r}: ensembles of runs are evaluated for "
-                    f"classification only")
-  members, variables = _load_teachers(setup, setup.mesh)
-  num_classes = setup.train_source.num_classes
-
-  @jax.jit
-  def eval_step(variables, batch):
-    outs = run_teachers(members, variables, batch["image"])
-    log_p = jax.nn.logsumexp(jnp.stack([jax.nn.log_softmax(o.logits.astype(jnp.float32)) for o in outs]), axis=0)
-    log_p = log_p - jnp.log(len(outs))
-    mask = batch["mask"].astype(jnp.float32)
-    wrong = (jnp.argmax(log_p, -1) != batch["label"]).astype(jnp.float32) * mask
-    nll = -jnp.take_along_axis(log_p, batch["label"][:, None], -1)[:, 0]
-    one = jnp.ones((), jnp.float32)
-    return {"test/accuracy": (jnp.sum(mask) - jnp.sum(wrong), jnp.sum(mask)), "test/errors": (jnp.sum(wrong), one),
-            "test/errors_per_class": (jax.ops.segment_sum(wrong, batch["label"], num_segments=num_classes), one),
-            "test/ce": (jnp.sum(nll * mask), jnp.sum(mask))}
-
-  totals: dict[str, Any] = {}
-  for batch in kdata.eval_batches(setup.test_source, batch_size=config.data.eval_batch_size,
-                                  mean=config.data.mean, std=config.data.std):
-    totals = accumulate(totals, eval_step(variables, _global(batch, setup.mesh)))
-  return reduce_metrics(totals)

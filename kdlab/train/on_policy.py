@@ -5,7 +5,7 @@ top_k=None, top_p=None)`` (Agarwal et al. 2024, "On-Policy Distillation of Langu
 Gu et al. 2024, "MiniLLM"). At every step a Bernoulli(``fraction``) draw decides whether the
 batch is on-policy. If it is, :func:`rollout` replaces it: the first ``P`` tokens of each training
 sequence are the prompt, the student (eval mode, no gradient) samples ``N`` tokens after it with
-:func:`kdlab.generate.generate`, and the batch becomes
+:func:`kdlab.sampling.generate`, and the batch becomes
 
   tokens      ``[B, L]``  prompt + generated tokens, padded with EOD (0) to the data's ``seq_len`` L
   targets     ``[B, L]``  the next token of ``tokens``
@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import pathlib
 import time
 from typing import Any, Callable, Sequence
 
@@ -47,11 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kdlab.data.text import ByteTokenizer
 from kdlab.errors import UserError
+from kdlab.models.protocol import Decoder
+from kdlab.sampling import check_sampling, generate
 
 FIELD = "config.on_policy"
 SALT = 0x6F6E5F70  # "on_p": separates the on-policy streams from the run's other uses of its seed
-PAD = 0  # the byte tokenizer's end-of-document token (kdlab.data.text.ByteTokenizer.EOD)
+PAD = ByteTokenizer.EOD  # generated tokens past a row's end (the byte tokenizer's end-of-document)
 _KEYS = ("fraction", "max_new_tokens", "temperature", "prompt_len", "top_k", "top_p")
 
 
@@ -88,17 +89,9 @@ def generation_fields(spec: dict[str, Any], *, field: str, allowed: Sequence[str
   unknown = sorted(set(spec) - set(allowed))
   if unknown:
     raise UserError(f"{field}.{unknown[0]}: unknown field; use {', '.join(allowed)}")
-  n = spec.get("max_new_tokens")
-  if not _int(n) or n <= 0:
-    raise UserError(f"{field}.max_new_tokens={n!r}: must be an int >= 1 (tokens generated per sequence)")
-  temperature = spec.get("temperature", 1.0)
-  if not _number(temperature) or not (math.isfinite(temperature) and temperature >= 0):
-    raise UserError(f"{field}.temperature={temperature!r}: must be a number >= 0 (0 = greedy)")
+  n, temperature = spec.get("max_new_tokens"), spec.get("temperature", 1.0)
   top_k, top_p = spec.get("top_k"), spec.get("top_p")
-  if top_k is not None and (not _int(top_k) or top_k < 1):
-    raise UserError(f"{field}.top_k={top_k!r}: must be an int >= 1 or None")
-  if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
-    raise UserError(f"{field}.top_p={top_p!r}: must be in (0, 1] or None")
+  check_sampling(n, temperature, top_k, top_p, field=field)
   prompt_len = spec.get("prompt_len")
   if prompt_len is None:
     prompt_len = seq_len - n
@@ -150,7 +143,7 @@ def check(config: Any, task: Any, student: Any) -> OnPolicy | None:
   if task is not tasks.LANGUAGE_MODEL:
     raise UserError(f"{FIELD}: on-policy distillation needs a language model on a text source, but "
                     f"config.data.source={config.data.source!r} is not one; set config.on_policy = None")
-  if not (hasattr(student, "init_cache") and hasattr(student, "decode")):
+  if not isinstance(student, Decoder):
     raise UserError(f"{FIELD}: the student ({config.model.name!r}) cannot generate (no KV cache); use a 'gpt' model")
   if config.get("teacher_cache"):
     raise UserError(f"{FIELD}: a teacher cache holds the teacher's outputs on the data, not on the student's "
@@ -194,7 +187,6 @@ def rollout(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: dict[str, jax
   ``student`` generates, in eval mode, with no gradient). Shapes as :func:`as_batch`. Traceable
   (jit it with ``graphdef`` and ``spec`` static, or call it inside a jitted function).
   """
-  from kdlab.generate import generate
   student = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest).student
   out = generate(student, batch["tokens"][:, :spec.prompt_len], max_new_tokens=spec.max_new_tokens,
                  temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, key=key)
@@ -285,7 +277,6 @@ def build(configs: Sequence[Any], setup: Any, graphdef: nnx.GraphDef, batch_shar
 def _sample_nll(graphdef, state, teacher_graphdef, teacher_state, prompts, keys, *, max_new_tokens, temperature,
                 top_k, top_p):
   """Per row: (teacher NLL sum, student NLL sum, generated tokens) ``[B]`` each."""
-  from kdlab.generate import generate
   student = nnx.merge(graphdef, state)
   teacher = nnx.merge(teacher_graphdef, teacher_state)
   out = generate(student, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -332,39 +323,3 @@ def teacher_nll_of_samples(student: nnx.Module, teacher: nnx.Module, prompts: An
     totals += np.array([np.asarray(x, np.float64)[: len(rows)].sum() for x in sums])
   return {"teacher_nll": float(totals[0] / totals[2]), "student_nll": float(totals[1] / totals[2]),
           "tokens": int(totals[2])}
-
-
-def evaluate_samples(workdir: str | pathlib.Path, *, max_new_tokens: int, prompt_len: int | None = None,
-                     num_prompts: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
-  """:func:`teacher_nll_of_samples` of a finished LM run's student against its ``config.teachers[0]``.
-
-  Prompts are the first ``prompt_len`` (default ``seq_len - max_new_tokens``) tokens of the
-  validation sequences whose first ``prompt_len + max_new_tokens`` targets are all real text
-  (``num_prompts`` of them, in order; None for all). Returns its dict plus ``prompts``.
-  """
-  import json
-
-  import ml_collections
-
-  from kdlab.sample import load_lm
-  from kdlab.train import tasks
-  workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  if not config.get("teachers"):
-    raise UserError(f"--workdir={workdir}: the run has no config.teachers[0] to score its samples with")
-  teacher_dir = pathlib.Path(dict(config.teachers[0])["init"]).parent
-  seq_len = int(config.data.seq_len)
-  prompt_len = seq_len - max_new_tokens if prompt_len is None else prompt_len
-  if prompt_len < 1 or prompt_len + max_new_tokens > seq_len:
-    raise UserError(f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens}: must fit config.data.seq_len="
-                    f"{seq_len} with prompt_len >= 1")
-  val = tasks.for_source(config.data.source).load(config.data)[1].records
-  full = np.flatnonzero(val.mask[:, :prompt_len + max_new_tokens].min(axis=1) > 0)
-  rows = full if num_prompts is None else full[:num_prompts]
-  if len(rows) == 0:
-    raise UserError(f"--workdir={workdir}: no validation sequence holds {prompt_len + max_new_tokens} real tokens")
-  result = teacher_nll_of_samples(load_lm(workdir), load_lm(teacher_dir), val.tokens[rows, :prompt_len],
-                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  key=jax.random.key(seed), batch_size=batch_size)
-  return {**result, "prompts": int(len(rows))}

@@ -19,7 +19,8 @@ import optax
 from flax import nnx
 
 from kdlab.errors import UserError
-from kdlab.objectives import ModelOutput, Objective, StepInputs
+from kdlab.models.protocol import Unembedding
+from kdlab.objective import ModelOutput, Objective, Shapes, StepInputs, build
 from kdlab.train import tasks as tasklib
 from kdlab.train.state import TrainState
 
@@ -42,7 +43,7 @@ def forward(model: nnx.Module, x: jax.Array, *, train: bool, taps: Sequence[str]
   """``model(x)`` as a :class:`ModelOutput`, asking for the optional ``taps`` and, for models with
   an ``unembedding()`` (``gpt``), carrying that ``[D, V]`` matrix (fused token distillation reads it)."""
   logits, feats = model(x, train=train, taps=tuple(taps)) if taps else model(x, train=train)
-  unembedding = model.unembedding() if callable(getattr(model, "unembedding", None)) else None
+  unembedding = model.unembedding() if isinstance(model, Unembedding) else None
   return ModelOutput(logits, feats, unembedding)
 
 
@@ -53,6 +54,21 @@ def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.A
     out = forward(nnx.merge(teacher.graphdef, *v), x, train=False, taps=teacher.taps if with_taps else ())
     outs.append(jax.lax.stop_gradient(out))
   return outs
+
+
+def objective_for(specs: Sequence[dict[str, Any]], student: nnx.Module, teachers: Sequence[nnx.Module],
+                  batch: dict[str, Any], *, num_examples: int, input_key: str = "image", seed: int = 0) -> Objective:
+  """Builds ``config.objective``-style ``specs`` for these models on batches shaped like ``batch``.
+
+  The models are traced abstractly (nothing runs); teachers are named ``t0``, ``t1``, ...;
+  ``num_examples`` is the training-set size (CRD's memory bank has a row per example).
+  """
+  x = batch[input_key]
+  abstract = lambda m: jax.eval_shape(lambda m, x: forward(m, x, train=False), m, x)  # noqa: E731
+  batch_shapes = {k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.asarray(v).dtype) for k, v in batch.items()}
+  shapes = Shapes(abstract(student), [abstract(t) for t in teachers], [f"t{i}" for i in range(len(teachers))],
+                  num_examples, batch_shapes)
+  return build(specs, shapes, nnx.Rngs(seed))
 
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,

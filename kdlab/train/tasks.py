@@ -31,7 +31,7 @@ import numpy as np
 from kdlab import data as kdata
 from kdlab.data import generated, pipeline, text
 from kdlab.errors import UserError
-from kdlab.objectives import ModelOutput
+from kdlab.objective import ModelOutput
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 

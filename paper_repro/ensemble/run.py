@@ -20,7 +20,7 @@ import numpy as np
 
 from kdlab.config import load
 from kdlab.repro import mean_std, run_cached
-from kdlab.train.loop import evaluate_ensemble
+from kdlab.train.evaluate import evaluate_ensemble
 
 HERE = pathlib.Path(__file__).parent
 CONFIGS = HERE.parent.parent / "configs"
@@ -36,11 +36,12 @@ def step_memory(config) -> dict[str, float]:
   import jax.numpy as jnp
   from kdlab import data as kdata
   from kdlab.train import optim
-  from kdlab.train.loop import _load_teachers, prepare
+  from kdlab.train.teachers import load_teachers
+  from kdlab.train.prepare import prepare
   from kdlab.train.state import init_state
   from kdlab.train.step import make_train_step
   setup = prepare(config)
-  teachers, teacher_vars = _load_teachers(setup, setup.mesh)
+  teachers, teacher_vars = load_teachers(setup.teacher_specs, setup.mesh)
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
   graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed)
   batch = {k: jnp.asarray(v) for k, v in kdata.train_dataset(setup.train_source, batch_size=config.data.batch_size,

@@ -9,7 +9,7 @@ teacher's continuations of the training prompts for sequence-level KD (``kdlab g
 then trains the students of ``configs/lm_gkd.py`` (3 seeds in one vmapped step per method) and
 writes ``results.md`` beside this file: mean +/- std over seeds of the validation per-token
 KL(teacher || student), the validation perplexity, and the teacher's per-token NLL of the
-student's own samples (continuations of held-out prompts: :func:`kdlab.train.on_policy.evaluate_samples`),
+student's own samples (continuations of held-out prompts: :func:`kdlab.offline.sample.evaluate_samples`),
 with the paper's qualitative findings beside ours. ``--init ce`` (the default) distils into a
 CE-trained student, as the papers do: every method resumes the CE student's half-way checkpoint
 and trains the second half with its own objective; ``--init scratch`` trains every student from
@@ -175,7 +175,7 @@ def _train(config: Any, workdir: pathlib.Path, times: Times, stage: str) -> dict
 
 def _samples(workdir: pathlib.Path, args: argparse.Namespace, times: Times, stage: str) -> dict[str, float]:
   """The teacher's NLL of the run's own samples (cached in ``samples.json``)."""
-  from kdlab.train.on_policy import evaluate_samples
+  from kdlab.offline.sample import evaluate_samples
   path = workdir / "samples.json"
   if path.exists():
     return json.loads(path.read_text())
@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
   teacher = _train(_config("teacher", args, root), teacher_dir.parent, times, "teacher")
   gen_meta = None
   if "seqkd" in methods:
-    from kdlab.data import generated
+    from kdlab.offline.generate_data import generate_data
     t0 = time.time()
-    gen_meta, built = generated.generate_data(_config("seqkd", args, root), root / "teacher_data")
+    gen_meta, built = generate_data(_config("seqkd", args, root), root / "teacher_data")
     if built:
       times.add("generate-data", time.time() - t0)
   results: dict[str, list[dict[str, Any]]] = {}
@@ -264,7 +264,7 @@ def _teacher_reference(root: pathlib.Path, args: argparse.Namespace, times: Time
   t0 = time.time()
   import jax
 
-  from kdlab.sample import load_lm
+  from kdlab.offline.sample import load_lm
   from kdlab.train import tasks
   from kdlab.train.on_policy import teacher_nll_of_samples
   config = _config("student", args, root)

@@ -23,7 +23,7 @@ from kdlab.config import load as load_config
 from kdlab.data.sources import tfds_prepared
 from kdlab.train.logging import read_metrics
 from kdlab.repro import mean_std, run_cached
-from kdlab.train.loop import evaluate_run
+from kdlab.train.evaluate import evaluate_run
 
 HERE = pathlib.Path(__file__).parent
 CONFIG = str(HERE.parent.parent / "configs" / "hinton_mnist.py")

@@ -79,10 +79,10 @@ def _seed_summaries(method: str, runs: Runs, seeds: list[int], vmap: bool, steps
 
 def _cache(runs: Runs) -> tuple[float, int]:
   """Builds the teacher cache (skipped when finished); its build time and size on disk."""
-  from kdlab import teacher_cache
+  from kdlab.offline.cache_teacher import cache_teacher
   out = runs.root / "teacher_cache"
   t0 = time.time()
-  meta, built = teacher_cache.cache_teacher(runs.config("kd-cached"), out)
+  meta, built = cache_teacher(runs.config("kd-cached"), out)
   seconds = time.time() - t0 if built else float(meta["created"]["seconds"])
   size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
   return seconds, size

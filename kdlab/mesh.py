@@ -12,6 +12,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -72,3 +73,9 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[Sequence[str]]
 
   specs = nnx.get_partition_spec(state)
   return jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def global_batch(batch: dict[str, Any], mesh: Mesh, stacked: bool = False) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays split over the data axes (axis 1 when ``stacked``)."""
+  sharding = batch_sharding(mesh, leading_axes=1 if stacked else 0)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -20,7 +20,7 @@ is replaced in one step after the last shard, so a killed build leaves no ``meta
 never taken for a finished cache; running the same build again keeps its complete shards.
 ``.npy`` files (not ``.npz``) so that lookups memory-map them.
 
-The fingerprint (:func:`fingerprint`) names what the cached values depend on: the teacher
+The fingerprint (:func:`kdlab.train.teachers.fingerprint`) names what the cached values depend on: the teacher
 (its model config and saved parameters), the tokenizer, the training text (source, split,
 sequence length and a hash of the packed tokens) and ``k``. ``open_cache`` refuses a cache
 whose recorded fingerprint differs from the one computed from the training config.
@@ -44,16 +44,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdlab import files
 from kdlab.errors import UserError
+from kdlab.objective.types import CACHE_KEYS
 
 FORMAT = "kdlab-teacher-cache"
 VERSION = 1
 DEFAULT_K = 32
 DEFAULT_SHARD_SIZE = 1024
-KEYS = ("cache/topk_logprobs", "cache/topk_indices", "cache/rest_logprobs")
+KEYS = CACHE_KEYS  # the batch keys lookup() fills
 _ARRAYS = ("topk_logprobs", "topk_indices", "rest_logprobs")
 _SHARD = re.compile(r"^shard-\d{5}(\.tmp)?$")
-_OURS = frozenset({"meta.json", "meta.json.tmp", "building.json", "building.json.tmp"})
+_OURS = frozenset({"meta.json", "building.json"})
 K_FIELD = "config.teacher_cache_k"
 
 
@@ -101,51 +103,6 @@ def teacher_k(config: Any) -> int:
   return int(k)
 
 
-def train_text(config: Any) -> Any:
-  """The packed training split of ``config.data`` (a ``kdlab.data.text.TextSource``), loaded and
-  checked as the training loop does."""
-  from kdlab.train import tasks
-  task = tasks.for_source(config.data.source)
-  if task is not tasks.LANGUAGE_MODEL:
-    raise UserError(f"config.data.source={config.data.source!r}: the teacher cache needs a text source "
-                    f"(language modelling), e.g. 'pysrc'")
-  return task.load(config.data)[0]
-
-
-def fingerprint(config: Any, *, dataset: Any = None) -> str:
-  """What a teacher cache for ``config`` depends on, as ``"teacher=..;tokenizer=..;data=..;k=.."``.
-
-  * ``teacher``: the teacher's model config (from its run's ``config.json``) and a hash of the
-    parameters of the latest checkpoint in ``config.teachers[0].init``;
-  * ``tokenizer``: ``config.data.tokenizer`` (default ``byte``) and the teacher's vocab size;
-  * ``data``: the source name, split (``train``), ``seq_len`` and a hash of the packed training
-    tokens, targets and mask (so ``max_bytes``, the corpus files and the tokenizer's output all
-    count; pass ``dataset`` when it is already loaded);
-  * ``k``: :func:`teacher_k`.
-
-  The cache-teacher config and the student's config give the same value when they name the same
-  teacher checkpoint, data fields and ``k``. Loads the teacher's parameters (host memory).
-  """
-  from kdlab.train import checkpoint
-  from kdlab.train.loop import _teacher_spec
-  if not config.get("teachers"):
-    raise UserError("config.teachers: empty; the teacher cache needs the teacher as config.teachers[0] "
-                    "(init=a finished run's checkpoints/ folder)")
-  spec = _teacher_spec(config.teachers[0], 0)
-  params, _ = checkpoint.load_student_variables(spec["init"], "config.teachers[0].init")
-  model = spec["model"]
-  dataset = train_text(config) if dataset is None else dataset
-  tokenizer = config.data.get("tokenizer", "byte")
-  seq_len = int(getattr(dataset, "records", dataset).tokens.shape[1])
-  parts = {
-      "teacher": digest(canonical(model), params_digest(params).encode()),
-      "tokenizer": f"{tokenizer}-{model.get('vocab_size')}",
-      "data": digest(canonical([config.data.source, "train", seq_len]), text_digest(dataset).encode()),
-      "k": str(teacher_k(config)),
-  }
-  return ";".join(f"{name}={value}" for name, value in parts.items())
-
-
 def _differing(recorded: str, expected: str) -> list[str]:
   """Names of the fingerprint parts that differ (all parts if either string is not in our format)."""
   def split(fp):
@@ -182,12 +139,6 @@ def _tokens(dataset: Any) -> np.ndarray:
   if hasattr(packed, "tokens"):
     return np.asarray(packed.tokens)
   return np.stack([np.asarray(packed[i]["tokens"]) for i in range(len(packed))])
-
-
-def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-  os.replace(tmp, path)
 
 
 def _read_meta(out: pathlib.Path) -> dict[str, Any] | None:
@@ -282,7 +233,8 @@ def build_cache(apply_fn: Callable[[jax.Array], jax.Array], dataset: Any, *, k: 
   if out.exists():
     if not out.is_dir():
       raise UserError(f"--out={out}: is a file; give a directory for the teacher cache")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OURS and not _SHARD.match(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OURS and not _SHARD.match(p.name)
+                     and not files.is_partial_write(p.name))
     if foreign:
       raise UserError(f"--out={out}: is not empty and holds no teacher cache ({foreign[0]!r}, ...); "
                       f"choose a new or empty directory")
@@ -297,7 +249,7 @@ def build_cache(apply_fn: Callable[[jax.Array], jax.Array], dataset: Any, *, k: 
   for p in out.iterdir():  # Leftovers of an interrupted build: unfinished shards always, all if another plan.
     if _SHARD.match(p.name) and (p.name.endswith(".tmp") or not same_plan):
       shutil.rmtree(p)
-  _write_json(building, plan)
+  files.write_json(building, plan, sort_keys=True)
 
   start = time.time()
   num_shards = -(-n // shard_size)
@@ -352,7 +304,7 @@ def build_cache(apply_fn: Callable[[jax.Array], jax.Array], dataset: Any, *, k: 
                   "backend": jax.default_backend()},
       "info": dict(info or {}),
   }
-  _write_json(out / "meta.json", meta)
+  files.write_json(out / "meta.json", meta, sort_keys=True)
   building.unlink()
   return meta, True
 
@@ -432,42 +384,3 @@ def open_cache(path: str | os.PathLike, *, expected_fingerprint: str) -> Teacher
   return TeacherCache(path, meta)
 
 
-# --- the kdlab cache-teacher command -------------------------------------------------------------
-
-def cache_teacher(config: Any, out_dir: str | os.PathLike, *, shard_size: int = DEFAULT_SHARD_SIZE,
-                  progress: bool = False, config_spec: str | None = None) -> tuple[dict[str, Any], bool]:
-  """``kdlab cache-teacher``: ``config.teachers[0]`` over the train split of ``config.data``.
-
-  Keeps ``config.teacher_cache_k`` tokens per position, calling the teacher on
-  ``config.data.eval_batch_size`` sequences at a time on ``config.mesh`` (batch split over the
-  data axes). Returns :func:`build_cache`'s ``(meta, built)``.
-  """
-  import types
-
-  from kdlab.train import mesh as meshlib
-  from kdlab.train.loop import _load_teachers, _teacher_spec
-  from kdlab.train.step import run_teachers
-  k = teacher_k(config)
-  dataset = train_text(config)
-  fp = fingerprint(config, dataset=dataset)
-  spec = _teacher_spec(config.teachers[0], 0)
-  max_len = spec["model"].get("max_len")
-  if max_len is not None and config.data.seq_len > max_len:
-    raise UserError(f"config.data.seq_len={config.data.seq_len} exceeds config.teachers[0].model.max_len="
-                    f"{max_len}; use the teacher's sequence length or shorter")
-  mesh = meshlib.make_mesh(config.mesh)
-  batch_size = int(config.data.get("eval_batch_size") or config.data.batch_size)
-  meshlib.check_batch_size(batch_size, mesh, "config.data.eval_batch_size")
-  teachers, variables = _load_teachers(types.SimpleNamespace(teacher_specs=[spec]), mesh)
-  sharding = meshlib.batch_sharding(mesh)
-
-  @jax.jit
-  def logits(v, tokens):
-    tokens = jax.lax.with_sharding_constraint(tokens, sharding)
-    return run_teachers(teachers, [v], tokens)[0].logits
-
-  info = {"config": config_spec, "teacher_init": str(pathlib.Path(spec["init"]).absolute()),
-          "teacher_model": spec["model"], "data": config.data.to_dict() if hasattr(config.data, "to_dict")
-          else dict(config.data)}
-  return build_cache(functools.partial(logits, variables[0]), dataset, k=k, out_dir=out_dir, fingerprint=fp,
-                     batch_size=batch_size, shard_size=shard_size, info=info, progress=progress)

@@ -35,8 +35,9 @@ import numpy as np
 from flax import nnx
 
 from kdlab.errors import UserError
+from kdlab.mesh import DATA_AXES
+from kdlab.models.protocol import Decoder
 
-_DATA_AXES = ("data", "fsdp")  # as kdlab.train.mesh.DATA_AXES
 _REAL = (int, float, np.integer, np.floating)
 
 
@@ -56,20 +57,36 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def _int(x: Any) -> bool:
+  return not isinstance(x, bool) and isinstance(x, (int, np.integer))
+
+
+def _real(x: Any) -> bool:
+  return not isinstance(x, bool) and isinstance(x, _REAL)
+
+
+def check_sampling(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any, *, field: str | None = None) -> None:
+  """Checks sampling settings; the one check for :func:`generate`, ``config.on_policy`` and
+  ``config.generate_data``. Errors name ``field.KEY=VALUE`` when ``field`` is given, else ``KEY``."""
+
+  def bad(key: str, value: Any, rule: str) -> UserError:
+    return UserError(f"{field}.{key}={value!r}: must be {rule}" if field else f"{key} must be {rule}, got {value!r}")
+
+  if not _int(max_new_tokens) or max_new_tokens < 1:
+    raise bad("max_new_tokens", max_new_tokens, "an int >= 1 (tokens generated per sequence)")
+  if not _real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+    raise bad("temperature", temperature, "a number >= 0 (0 = greedy)")
+  if top_k is not None and (not _int(top_k) or top_k < 1):
+    raise bad("top_k", top_k, "an int >= 1 or None (no filtering)")
+  if top_p is not None and (not _real(top_p) or not 0 < top_p <= 1):
+    raise bad("top_p", top_p, "in (0, 1] or None (no filtering)")
+
+
 def _check(model: nnx.Module, prompts: jax.Array, prompt_lengths: Any, key: Any, max_new_tokens: Any,
            temperature: Any, top_k: Any, top_p: Any) -> None:
-  if not (hasattr(model, "init_cache") and hasattr(model, "decode")):
+  if not isinstance(model, Decoder):
     raise UserError(f"model: {type(model).__name__} has no KV cache (init_cache/decode); use a 'gpt' model")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise UserError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-  if isinstance(temperature, bool) or not isinstance(temperature, _REAL) or not (
-      math.isfinite(temperature) and temperature >= 0):
-    raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-    raise UserError(f"top_k must be an int >= 1 or None (no filtering), got {top_k!r}")
-  if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, _REAL)
-                            or not 0 < top_p <= 1):
-    raise UserError(f"top_p must be in (0, 1] or None (no filtering), got {top_p!r}")
+  check_sampling(max_new_tokens, temperature, top_k, top_p)
   if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer) or 0 in prompts.shape:
     raise UserError(f"prompts: expected [batch, length] integer token ids with batch, length >= 1, "
                     f"got {prompts.dtype} {prompts.shape}")
@@ -92,7 +109,7 @@ def _check(model: nnx.Module, prompts: jax.Array, prompt_lengths: Any, key: Any,
       raise UserError(f"key: expected one PRNG key or one per prompt ([{b}]), got keys of shape "
                       f"{_as_key(key).shape}")
   mesh = jax.sharding.get_abstract_mesh()
-  data = math.prod(mesh.shape[a] for a in _DATA_AXES if not mesh.empty and a in mesh.axis_names)
+  data = math.prod(mesh.shape[a] for a in DATA_AXES if not mesh.empty and a in mesh.axis_names)
   if b % data:
     raise UserError(f"prompts: batch {b} is not divisible by the data-parallel size {data} of the mesh; "
                     f"use a multiple of {data}")
@@ -134,7 +151,7 @@ def _constrain_batch(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.are_all_axes_explicit:
     return x
-  axes = tuple(a for a in _DATA_AXES if a in mesh.axis_names)
+  axes = tuple(a for a in DATA_AXES if a in mesh.axis_names)
   if not axes:
     return x
   spec = jax.P(axes, *[jax.P.UNCONSTRAINED] * (x.ndim - 1))

@@ -14,11 +14,15 @@ import pathlib
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from kdlab.data.text import ByteTokenizer
 from kdlab.errors import UserError
+from kdlab.sampling import generate
+from kdlab.train import on_policy, tasks
+from kdlab.train import teachers as teacherlib
 
 
 def read_lm_config(workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -38,24 +42,7 @@ def read_lm_config(workdir: str | pathlib.Path) -> dict[str, Any]:
 
 def load_lm(workdir: str | pathlib.Path) -> nnx.Module:
   """The run's student ``gpt`` with the parameters of its latest checkpoint."""
-  import kdlab.models.gpt  # noqa: F401  (registers "gpt")
-  from kdlab.models import registry
-  from kdlab.train.checkpoint import load_student_variables
-  kwargs = read_lm_config(workdir)
-  try:
-    model = registry.create(kwargs.pop("name"), **kwargs)
-  except (TypeError, ValueError) as e:
-    raise UserError(f"--workdir: config.model cannot be built: {e}") from None
-  saved, _ = load_student_variables(pathlib.Path(workdir) / "checkpoints", "--workdir")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  # Orbax stores the blocks' list indices as strings: compare paths as strings.
-  fresh = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(params)).items()}
-  loaded = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(saved).items()}
-  if set(fresh) != set(loaded) or any(np.shape(loaded[k]) != v.shape for k, v in fresh.items()):
-    raise UserError(f"--workdir: the checkpoint in {str(workdir)!r} does not match its config.model "
-                    f"(different architecture or sizes)")
-  nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, saved))
-  return nnx.merge(graphdef, params, rest)
+  return teacherlib.load_model(read_lm_config(workdir), pathlib.Path(workdir) / "checkpoints", "--workdir")
 
 
 def continuation(workdir: str | pathlib.Path, prompt: str, *, max_new_tokens: int | None = None,
@@ -70,7 +57,7 @@ def continuation(workdir: str | pathlib.Path, prompt: str, *, max_new_tokens: in
   ids = np.concatenate([[ByteTokenizer.EOD], tokenizer.encode(prompt)]).astype(np.int32)
   room = config["max_len"] - len(ids)
   if max_new_tokens is not None and max_new_tokens < 1:
-    raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    raise UserError(f"--max-new-tokens/--max_new_tokens must be >= 1, got {max_new_tokens}")
   if room < 1:
     raise UserError(f"--prompt: prompt longer than the model's context: {len(ids) - 1} bytes + 1 start token "
                     f"leave no room for new tokens under max_len={config['max_len']}; shorten the prompt")
@@ -80,10 +67,39 @@ def continuation(workdir: str | pathlib.Path, prompt: str, *, max_new_tokens: in
     raise UserError(f"--prompt: prompt longer than the model's context: {len(ids) - 1} bytes + 1 start token + "
                     f"{max_new_tokens} new tokens > max_len={config['max_len']}; shorten the prompt or lower "
                     f"--max_new_tokens")
-  from kdlab.generate import generate
   model = load_lm(workdir)
   out = generate(model, ids[None], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, key=jax.random.key(seed))
   new = np.asarray(out.tokens[0, len(ids):])
   ends = np.flatnonzero(new == ByteTokenizer.EOD)
   return prompt + tokenizer.decode(new[: ends[0]] if ends.size else new)
+
+
+def evaluate_samples(workdir: str | pathlib.Path, *, max_new_tokens: int, prompt_len: int | None = None,
+                     num_prompts: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+  """:func:`kdlab.train.on_policy.teacher_nll_of_samples` of a finished LM run's student against its ``config.teachers[0]``.
+
+  Prompts are the first ``prompt_len`` (default ``seq_len - max_new_tokens``) tokens of the
+  validation sequences whose first ``prompt_len + max_new_tokens`` targets are all real text
+  (``num_prompts`` of them, in order; None for all). Returns its dict plus ``prompts``.
+  """
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if not config.get("teachers"):
+    raise UserError(f"--workdir={workdir}: the run has no config.teachers[0] to score its samples with")
+  teacher_dir = pathlib.Path(dict(config.teachers[0])["init"]).parent
+  seq_len = int(config.data.seq_len)
+  prompt_len = seq_len - max_new_tokens if prompt_len is None else prompt_len
+  if prompt_len < 1 or prompt_len + max_new_tokens > seq_len:
+    raise UserError(f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens}: must fit config.data.seq_len="
+                    f"{seq_len} with prompt_len >= 1")
+  val = tasks.for_source(config.data.source).load(config.data)[1].records
+  full = np.flatnonzero(val.mask[:, :prompt_len + max_new_tokens].min(axis=1) > 0)
+  rows = full if num_prompts is None else full[:num_prompts]
+  if len(rows) == 0:
+    raise UserError(f"--workdir={workdir}: no validation sequence holds {prompt_len + max_new_tokens} real tokens")
+  result = on_policy.teacher_nll_of_samples(load_lm(workdir), load_lm(teacher_dir), val.tokens[rows, :prompt_len],
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  key=jax.random.key(seed), batch_size=batch_size)
+  return {**result, "prompts": int(len(rows))}

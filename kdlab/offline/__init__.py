@@ -1,0 +1,1 @@
+"""Offline builders that use training: the teacher-output cache, sequence-KD data, sampling a run."""
