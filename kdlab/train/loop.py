@@ -59,6 +59,7 @@ class Setup:
   student_taps: tuple[str, ...] = ()
   objective_teachers: tuple[int, ...] = ()
   cache: Any = None
+  param_shardings: Any = None  # the learner's params on the mesh (config.sharding_rules)
 
 
 def _model_kwargs(cfg: Any, field: str) -> dict[str, Any]:
@@ -168,6 +169,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   teachers = [nnx.eval_shape(lambda s=s, i=i: _create(s["model"], f"config.teachers[{i}].model", 0))
               for i, s in enumerate(teacher_specs)]
   task.check_models(student, teachers, [f"config.teachers[{i}]" for i in range(len(teachers))], data_cfg)
+  rules = config.get("sharding_rules") or ()
+  for i, teacher in enumerate(teachers):  # Checks the rules against each teacher's parameters.
+    meshlib.param_shardings(teacher, mesh, rules, f"config.teachers[{i}].model")
   on_policy.check(config, task, student)  # config.on_policy (kdlab.train.on_policy)
 
   batch = task.abstract_batch(train_source, data_cfg.batch_size)
@@ -200,9 +204,10 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
     raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {warmup!r}")
   learner = Learner(_create(student_kwargs, "config.model", config.seed), objective.connectors())
+  param_shardings = meshlib.param_shardings(learner, mesh, rules, "config.model")
   return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
                steps_per_epoch, total_steps, ema_decay, shapes, task, int(s_out.logits.shape[-1]), student_taps,
-               objective_teachers, cache)
+               objective_teachers, cache, param_shardings)
 
 
 def _check_decay(value: Any, schedule: Any) -> None:
@@ -220,8 +225,10 @@ def _check_workdir(workdir: pathlib.Path, config_json: str) -> None:
                     f"(or delete it) to start another run")
 
 
-def _load_teachers(setup: Setup, mesh: jax.sharding.Mesh) -> tuple[list[Teacher], list[Any]]:
-  """Frozen teachers and their variables ``(params, rest)``, replicated on the mesh."""
+def _load_teachers(setup: Setup, mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]] = ()
+                   ) -> tuple[list[Teacher], list[Any]]:
+  """Frozen teachers and their variables ``(params, rest)`` on the mesh: params placed by ``rules``
+  (``config.sharding_rules``), the rest replicated."""
   teachers, variables = [], []
   for i, spec in enumerate(setup.teacher_specs):
     field = f"config.teachers[{i}]"
@@ -233,7 +240,8 @@ def _load_teachers(setup: Setup, mesh: jax.sharding.Mesh) -> tuple[list[Teacher]
     except (KeyError, ValueError):
       raise UserError(f"{field}.init: the checkpoint does not match model {spec['model']['name']!r} "
                       f"(different architecture or sizes)") from None
-    variables.append(jax.device_put(loaded, meshlib.replicated(mesh)))
+    shardings = meshlib.param_shardings(model, mesh, rules, f"{field}.model")
+    variables.append((jax.device_put(loaded[0], shardings), jax.device_put(loaded[1], meshlib.replicated(mesh))))
     teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ()))))
   return teachers, variables
 
@@ -321,6 +329,22 @@ def _write_config(workdir: pathlib.Path, config_json: str) -> None:
   (workdir / "config.json").write_text(config_json)
 
 
+def _state_shardings(state: TrainState, setup: Setup, seeds: int = 1) -> TrainState:
+  """Where each array of ``state`` lives: the params, their optimizer state and the EMA copy by
+  ``config.sharding_rules`` (``setup.param_shardings``), the rest replicated; with ``seeds > 1``
+  for the stacked state (a leading, unsplit seed axis)."""
+  rep = meshlib.replicated(setup.mesh)
+  params = setup.param_shardings
+  shardings = TrainState(
+      step=rep, params=params, rest=jax.tree.map(lambda _: rep, state.rest),
+      opt_state=meshlib.follow_params(state.opt_state, state.params, params, rep),
+      term_states=jax.tree.map(lambda _: rep, state.term_states), key=rep,
+      ema=params if state.ema else jax.tree.map(lambda _: rep, state.ema))
+  if seeds == 1:
+    return shardings
+  return jax.tree.map(lambda s: jax.sharding.NamedSharding(setup.mesh, jax.P(None, *s.spec)), shardings)
+
+
 def _stack(trees: Sequence[Any]) -> Any:
   return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -340,7 +364,10 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   for workdir, config_json in zip(workdirs, config_jsons):
     _check_workdir(workdir, config_json)
   mesh = setup.mesh
-  teachers, teacher_vars = _load_teachers(setup, mesh)
+  teachers, teacher_vars = _load_teachers(setup, mesh, config.get("sharding_rules") or ())
+  finished = _finished_summaries(workdirs, setup.total_steps)
+  if finished is not None:  # Rerun of a finished run: nothing to train and nothing to rewrite.
+    return finished
 
   # Everything is valid: from here on the workdirs are written.
   if before_write is not None:
@@ -351,7 +378,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   graphdef, states = None, []
   for s, c in zip(setups, configs):
     graphdef, state = init_state(s.learner, tx, s.objective.init_state(), c.seed, ema=s.ema_decay is not None)
-    states.append(jax.device_put(state, meshlib.replicated(mesh)))
+    states.append(jax.device_put(state, _state_shardings(state, s)))
   task = setup.task
   read = grain.ReadOptions(num_threads=config.data.get("prefetch_threads", 0))
   data_iters = [iter(task.train_dataset(s.train_source, c.data, c.seed).to_iter_dataset(read))
@@ -365,7 +392,8 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     for i, ckpt in enumerate(ckpts):
       states[i], data_state = ckpt.restore(states[i], step=common)
       data_iters[i].set_state(data_state)
-  state = _stack(states)
+  state_sharding = _state_shardings(states[0], setup, n)
+  state = jax.device_put(_stack(states), state_sharding)
   start_step = int(states[0].step)
 
   # Eval-only teachers (and all of them, with a teacher cache) are run by the eval step alone.
@@ -379,7 +407,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   if n > 1:
     step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))
     eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, None))
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  # The state keeps its shardings from step to step (and is updated in place).
   train_step = jax.jit(step_fn, out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
   eval_step = jax.jit(eval_fn)
   # config.on_policy: some batches become the student's own samples (kdlab.train.on_policy).
@@ -462,6 +490,21 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   return summaries
 
 
+def _finished_summaries(workdirs: Sequence[pathlib.Path], total_steps: int) -> list[dict[str, Any]] | None:
+  """The saved summaries if every run in ``workdirs`` finished (``summary.json`` and a final checkpoint)."""
+  summaries = []
+  for workdir in workdirs:
+    if not (workdir / "summary.json").exists() or not (workdir / "checkpoints").is_dir():
+      return None
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    latest = ckpt.latest_step()
+    ckpt.close()
+    if latest != total_steps:
+      return None
+    summaries.append(json.loads((workdir / "summary.json").read_text()))
+  return summaries
+
+
 def _best(workdir: pathlib.Path, task: tasks.Task) -> float | None:
   """The best ``task.best_key`` among the evaluations already logged in ``workdir`` (a resumed run)."""
   from kdlab.train.logging import read_metrics
@@ -478,11 +521,12 @@ def evaluate_run(workdir: str | pathlib.Path, *, logit_offset: np.ndarray | None
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   setup = prepare(config)
-  teachers, teacher_vars = _load_teachers(setup, setup.mesh)
+  teachers, teacher_vars = _load_teachers(setup, setup.mesh, config.get("sharding_rules") or ())
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
   graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed,
                                ema=setup.ema_decay is not None)
-  state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(jax.device_put(state, meshlib.replicated(setup.mesh)))
+  state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(
+      jax.device_put(state, _state_shardings(state, setup)))
   eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.task))
   return evaluate(eval_step, state, teacher_vars, setup, logit_offset)
 
