@@ -3,7 +3,10 @@
 ``config.mesh = [("data", -1)]`` (optionally ``("fsdp", n)``, ``("model", n)``);
 ``-1`` takes the devices left over. Batches are sharded over the data-parallel
 axes (``data`` and ``fsdp``); parameters by their logical axis names through
-``config.sharding_rules`` (``[("vocab", "model"), ("mlp", "model"), ...]``).
+``config.sharding_rules`` (``[("vocab", "model"), ("mlp", "model"), ...]``): the
+student's params, their optimizer state and the EMA copy, and each teacher's params
+(names without a rule, and models without names, are replicated). A rule naming an
+axis the mesh lacks, or a dimension its axis does not divide, is a ``UserError``.
 """
 
 from __future__ import annotations
@@ -60,19 +63,72 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "config.data.batc
                     f"(mesh {dict(mesh.shape)}); use a multiple of {n}")
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[Sequence[str]]) -> Any:
-  """NamedShardings for an ``nnx.State`` from its variables' logical axis names."""
-  rule_map = {str(k): v for k, v in rules}
+def rule_map(rules: Sequence[Sequence[Any]], mesh: Mesh) -> dict[str, str | None]:
+  """``config.sharding_rules`` as ``{logical name: mesh axis or None}``; every axis must be the mesh's."""
+  out: dict[str, str | None] = {}
+  for rule in rules:
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+      raise UserError(f"config.sharding_rules: {rule!r} is not a (logical name, mesh axis) pair; "
+                      f"e.g. [('vocab', 'model'), ('mlp', 'model')]")
+    name, axis = rule
+    if axis is not None and axis not in mesh.shape:
+      raise UserError(f"config.sharding_rules: {tuple(rule)!r} names mesh axis {axis!r}, which config.mesh "
+                      f"{dict(mesh.shape)} lacks; add it to config.mesh or map {name!r} to one of "
+                      f"{', '.join(mesh.axis_names)} (or None)")
+    out[str(name)] = axis
+  return out
 
-  def to_mesh(spec: P) -> NamedSharding:
-    axes = []
-    for name in spec:
-      axis = rule_map.get(name) if isinstance(name, str) else None
-      axes.append(axis if axis in mesh.shape else None)
+
+def param_shardings(module: nnx.Module, mesh: Mesh, rules: Sequence[Sequence[Any]], field: str) -> Any:
+  """NamedShardings of ``module``'s ``nnx.Param`` values, as ``nnx.to_pure_dict`` lays them out.
+
+  Each dimension's logical axis name (``nnx.with_partitioning``) goes to the mesh axis ``rules``
+  maps it to; names without a rule, and parameters without names (MLPs, zoo models), are
+  replicated. ``field`` (``config.model``) names the model in errors.
+  """
+  axes_of = rule_map(rules, mesh)
+  params = nnx.state(module, nnx.Param)
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
+
+  def one(path: Any, spec: Any, value: Any) -> NamedSharding:
+    names = tuple(spec) if isinstance(spec, P) else ()
+    where = "/".join(str(getattr(k, "key", k)) for k in path)
+    axes: list[str | None] = []
+    for dim, name in enumerate(names):
+      axis = axes_of.get(name) if isinstance(name, str) else None
+      if axis is not None and axis in axes:
+        raise UserError(f"config.sharding_rules: {field} parameter {where} maps two dimensions to mesh axis "
+                        f"{axis!r}; map its names {names} to different axes")
+      if axis is not None and value.shape[dim] % mesh.shape[axis]:
+        raise UserError(f"config.sharding_rules: {field} parameter {where} {list(value.shape)}: its {name!r} "
+                        f"dimension {value.shape[dim]} is not divisible by mesh axis {axis!r} of size "
+                        f"{mesh.shape[axis]}; change config.mesh or the rule for {name!r}")
+      axes.append(axis)
     return NamedSharding(mesh, P(*axes))
 
-  specs = nnx.get_partition_spec(state)
-  return jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map_with_path(one, specs, nnx.to_pure_dict(params), is_leaf=lambda x: isinstance(x, P))
+
+
+def follow_params(tree: Any, params: Any, shardings: Any, default: NamedSharding) -> Any:
+  """Shardings for ``tree`` holding copies of ``params`` (an optax state): a leaf whose key path
+  ends with a parameter's and whose shape is that parameter's gets its sharding, others ``default``."""
+  def key(path: Any) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  by_path = {key(path): (tuple(value.shape), sharding)
+             for (path, value), sharding in zip(flat, jax.tree.leaves(shardings))}
+  depth = max((len(k) for k in by_path), default=0)
+
+  def one(path: Any, value: Any) -> NamedSharding:
+    names = key(path)
+    for n in range(min(depth, len(names)), 0, -1):
+      shape, sharding = by_path.get(names[-n:], (None, None))
+      if sharding is not None and shape == tuple(getattr(value, "shape", ())):
+        return sharding
+    return default
+
+  return jax.tree.map_with_path(one, tree)
 
 
 def global_batch(batch: dict[str, Any], mesh: Mesh, stacked: bool = False) -> dict[str, jax.Array]:

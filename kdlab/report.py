@@ -7,6 +7,9 @@ For a sweep's workdir (it holds ``sweep.json``) it rewrites ``results.csv`` and
   heatmap.png          two-axis grids: mean last-epoch test accuracy per cell (+/- std)
   comparison.png       test error (%) per setting, bars from zero with std error bars over seeds
 
+Language-model sweeps plot validation loss (nats per token) instead: its learning curves per step
+and its last value per setting (no heatmap).
+
 For one run's workdir (``metrics.jsonl``): learning curves (test accuracy and
 training loss) and a table of its ``summary.json``. Plots use matplotlib's Agg
 canvas through ``Figure`` (no pyplot state, no display needed).
@@ -43,22 +46,30 @@ def _figure(width: float, height: float):
   return Figure(figsize=(width, height), layout="constrained")
 
 
-def eval_curve(run_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  """(epochs, test accuracies) of a run's evaluation lines in ``metrics.jsonl``."""
-  evals = [m for m in read_metrics(run_dir) if "test/accuracy" in m]
-  return np.asarray([m["epoch"] for m in evals], float), np.asarray([m["test/accuracy"] for m in evals], float)
+def eval_curve(run_dir: pathlib.Path, key: str = "test/accuracy", x: str = "epoch") -> tuple[np.ndarray, np.ndarray]:
+  """(x, values) of a run's evaluation lines in ``metrics.jsonl``: epochs and test accuracies by default."""
+  evals = [m for m in read_metrics(run_dir) if key in m]
+  return np.asarray([m[x] for m in evals], float), np.asarray([m[key] for m in evals], float)
 
 
-def _setting_curve(workdir: pathlib.Path, sweep: ksweep.Sweep, setting: ksweep.Setting):
-  """Mean, min and max test accuracy (%) over the finished seeds, at the epochs they all evaluated."""
+# What a sweep's curves show: (metrics.jsonl key, x-axis key, scale, axis label).
+_ACCURACY = ("test/accuracy", "epoch", 100.0, "test accuracy (%)")
+_VAL_LOSS = ("val/loss", "step", 1.0, "val loss (nats/token)")
+
+
+def _setting_curve(workdir: pathlib.Path, sweep: ksweep.Sweep, setting: ksweep.Setting,
+                   metric: tuple[str, str, float, str] = _ACCURACY):
+  """Mean, min and max of ``metric`` (test accuracy in %) over the finished seeds, at the evaluations
+  they all made."""
+  key, x, scale, _ = metric
   runs = [ksweep.Run(setting, seed) for seed in sweep.seeds]
-  curves = [eval_curve(workdir / run.name) for run in runs if ksweep.finished(workdir, run)]
+  curves = [eval_curve(workdir / run.name, key, x) for run in runs if ksweep.finished(workdir, run)]
   curves = [c for c in curves if len(c[0])]
   if not curves:
     return None
-  n = min(len(e) for e, _ in curves)  # Runs of one setting evaluate at the same epochs.
-  acc = 100 * np.stack([a[:n] for _, a in curves])
-  return curves[0][0][:n], acc.mean(0), acc.min(0), acc.max(0), len(curves)
+  n = min(len(e) for e, _ in curves)  # Runs of one setting evaluate at the same steps.
+  values = scale * np.stack([a[:n] for _, a in curves])
+  return curves[0][0][:n], values.mean(0), values.min(0), values.max(0), len(curves)
 
 
 def _panels(sweep: ksweep.Sweep) -> list[tuple[str, list[tuple[str, ksweep.Setting]]]]:
@@ -77,7 +88,9 @@ def _panels(sweep: ksweep.Sweep) -> list[tuple[str, list[tuple[str, ksweep.Setti
           for i, c in enumerate(chunks)]
 
 
-def plot_learning_curves(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Path) -> bool:
+def plot_learning_curves(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Path, lm: bool = False) -> bool:
+  """Per setting, test accuracy (``lm``: validation loss) per evaluation: mean and min-max over seeds."""
+  metric = _VAL_LOSS if lm else _ACCURACY
   panels = _panels(sweep)
   cols = min(3, len(panels))
   rows = -(-len(panels) // cols)
@@ -86,7 +99,7 @@ def plot_learning_curves(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathli
   drawn = False
   for ax, (title, items) in zip(axes, panels):
     for label, setting in items:
-      curve = _setting_curve(workdir, sweep, setting)
+      curve = _setting_curve(workdir, sweep, setting, metric)
       if curve is None:
         continue
       epochs, mean, lo, hi, n = curve
@@ -95,14 +108,14 @@ def plot_learning_curves(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathli
         ax.fill_between(epochs, lo, hi, alpha=0.2, color=line.get_color())
       drawn = True
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(metric[1])
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=7)
   for ax in axes[len(panels):]:
     ax.set_visible(False)
-  axes[0].set_ylabel("test accuracy (%)")
-  fig.suptitle(f"{sweep.name}: test accuracy, mean and min-max over seeds")
+  axes[0].set_ylabel(metric[3])
+  fig.suptitle(f"{sweep.name}: {metric[3].split(' (')[0]}, mean and min-max over seeds")
   if drawn:
     fig.savefig(out, dpi=110)
   return drawn
@@ -149,14 +162,16 @@ def plot_heatmap(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Path) 
   return True
 
 
-def plot_comparison(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Path) -> bool:
-  """Horizontal bars of last-epoch test error (%) from zero, std error bars; a dot per seed."""
-  rows = [r for r in ksweep.stats(workdir, sweep) if r["test_accuracy"]]
+def plot_comparison(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Path, lm: bool = False) -> bool:
+  """Horizontal bars of last-epoch test error (%) (``lm``: last validation loss) from zero, std error
+  bars; a dot per seed."""
+  key = "val_loss" if lm else "test_accuracy"
+  rows = [r for r in ksweep.stats(workdir, sweep) if r.get(key)]
   if not rows:
     return False
   labels = [", ".join(f"{sweep.axis_label(a)}={sweep.tick(a, r['setting'])}" for a in sweep.axes)
             or r["setting"].name for r in rows]
-  errors = [100 * (1 - np.asarray(r["test_accuracy"])) for r in rows]
+  errors = [np.asarray(r[key], float) if lm else 100 * (1 - np.asarray(r[key])) for r in rows]
   mean = np.asarray([e.mean() for e in errors])
   std = np.asarray([e.std(ddof=1) if len(e) > 1 else 0.0 for e in errors])
   fig = _figure(7.0, 1.2 + 0.35 * len(rows))
@@ -167,11 +182,12 @@ def plot_comparison(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Pat
     ax.plot(e, np.full(len(e), y[k]), "k.", ms=4, label="one seed" if k == 0 else None)
   ax.set_yticks(y, labels, fontsize=8)
   ax.invert_yaxis()
-  ax.set_xlabel("last-epoch test error (%)")
+  what = "validation loss (nats/token)" if lm else "test error (%)"
+  ax.set_xlabel(f"last {what}" if lm else f"last-epoch {what}")
   ax.set_xlim(left=0)
   ax.grid(axis="x", alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
-  ax.set_title(f"{sweep.name}: test error per setting (lower is better)", fontsize=10)
+  ax.set_title(f"{sweep.name}: {what.split(' (')[0]} per setting (lower is better)", fontsize=10)
   fig.savefig(out, dpi=110)
   return True
 
@@ -179,20 +195,21 @@ def plot_comparison(workdir: pathlib.Path, sweep: ksweep.Sweep, out: pathlib.Pat
 def _sweep_report(workdir: pathlib.Path) -> pathlib.Path:
   sweep, table = ksweep.aggregate(workdir)
   done = sum(ksweep.finished(workdir, r) for r in sweep.runs())
-  # Language-model sweeps get the table; the plots below are of test accuracy (classification).
-  lines = [f"# Sweep `{sweep.name}`", "", ksweep.describe(sweep, ksweep.sweep_is_lm(workdir, sweep)), "",
+  lm = ksweep.sweep_is_lm(workdir, sweep)  # Language models: validation loss instead of test accuracy.
+  lines = [f"# Sweep `{sweep.name}`", "", ksweep.describe(sweep, lm), "",
            f"{done} of {len(sweep.runs())} runs finished ({len(sweep.settings)} settings x seeds {sweep.seeds}). "
            f"Per run: `results.csv`.", "", table, ""]
-  best = _best(workdir, sweep)
+  best = _best(workdir, sweep, lm)
   if best:
     lines += [best, ""]
   figures = []
-  if sweep.kind == "grid" and len(sweep.axes) == 2 and plot_heatmap(workdir, sweep, workdir / "heatmap.png"):
+  if (not lm and sweep.kind == "grid" and len(sweep.axes) == 2
+      and plot_heatmap(workdir, sweep, workdir / "heatmap.png")):
     figures.append(("Mean last-epoch test accuracy over the grid", "heatmap.png"))
-  if plot_comparison(workdir, sweep, workdir / "comparison.png"):
-    figures.append(("Test error per setting (bars: mean, error bars: std over seeds, dots: seeds)",
-                    "comparison.png"))
-  if plot_learning_curves(workdir, sweep, workdir / "learning_curves.png"):
+  if plot_comparison(workdir, sweep, workdir / "comparison.png", lm):
+    figures.append((f"{'Validation loss' if lm else 'Test error'} per setting (bars: mean, error bars: std over "
+                    f"seeds, dots: seeds)", "comparison.png"))
+  if plot_learning_curves(workdir, sweep, workdir / "learning_curves.png", lm):
     figures.append(("Learning curves (mean and min-max over seeds)", "learning_curves.png"))
   for title, png in figures:
     lines += [f"## {title}", "", f"![{title}]({png})", ""]
@@ -201,14 +218,17 @@ def _sweep_report(workdir: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _best(workdir: pathlib.Path, sweep: ksweep.Sweep) -> str:
-  rows = [r for r in ksweep.stats(workdir, sweep) if r["test_accuracy"]]
+def _best(workdir: pathlib.Path, sweep: ksweep.Sweep, lm: bool = False) -> str:
+  key = "val_loss" if lm else "test_accuracy"
+  rows = [r for r in ksweep.stats(workdir, sweep) if r.get(key)]
   if len(rows) < 2:
     return ""
-  r = max(rows, key=lambda r: np.mean(r["test_accuracy"]))
+  r = (min if lm else max)(rows, key=lambda r: np.mean(r[key]))
   what = ", ".join(f"{sweep.axis_label(a)} = {sweep.tick(a, r['setting'])}" for a in sweep.axes) or r["setting"].name
-  return (f"Best by mean last-epoch test accuracy: {what} ({ksweep.mean_std(r['test_accuracy'], '{:.2f}', 100)}%, "
-          f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}).")
+  seeds = f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}"
+  if lm:
+    return f"Best by mean last validation loss: {what} ({ksweep.mean_std(r[key], '{:.4f}')} nats/token, {seeds})."
+  return f"Best by mean last-epoch test accuracy: {what} ({ksweep.mean_std(r[key], '{:.2f}', 100)}%, {seeds})."
 
 
 def _run_report(workdir: pathlib.Path) -> pathlib.Path:

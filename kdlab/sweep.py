@@ -755,17 +755,27 @@ def sweep_is_lm(workdir: pathlib.Path, sweep: Sweep) -> bool:
   return any("val_loss" in r for r in stats(workdir, sweep))
 
 
+def _setting_header(sweep: Sweep) -> list[str]:
+  """The table columns naming a setting: one per axis, a tied axis by its label only (``Sweep.shown``);
+  a seeds-only sweep has no axes, and its one row is named instead."""
+  return [sweep.axis_label(a) for a in sweep.axes] if sweep.axes else ["setting"]
+
+
+def _setting_cells(sweep: Sweep, setting: Setting) -> list[str]:
+  return [sweep.tick(a, setting) for a in sweep.axes] if sweep.axes else [setting.name]
+
+
 def _lm_table(rows: list[dict[str, Any]], sweep: Sweep) -> str:
   means = [np.mean(r["val_loss"]) if r.get("val_loss") else math.inf for r in rows]
   best = int(np.argmin(means)) if min(means, default=math.inf) < math.inf else -1
-  header = ([] if sweep.axes else ["setting"]) + [sweep.labels.get(p, p) for p in sweep.paths] + [
+  header = _setting_header(sweep) + [
       "last val loss (nats/token)", "best val loss", "val ppl", "val token acc (%)", "KL(teacher, student)",
       "agreement top-1 (%)", "seeds"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for i, r in enumerate(rows):
     setting = r["setting"]
     last = mean_std(r.get("val_loss", []), "{:.4f}")
-    cells = ([setting.name] if not sweep.axes else []) + [format_value(setting.values[p]) for p in sweep.paths] + [
+    cells = _setting_cells(sweep, setting) + [
         f"**{last}**" if i == best and len(rows) > 1 else last, mean_std(r.get("best_val_loss", []), "{:.4f}"),
         mean_std(r.get("val_ppl", []), "{:.3f}"), mean_std(r.get("val_accuracy", []), "{:.2f}", 100),
         mean_std(r["kl_teacher"], "{:.4f}"), mean_std(r["agreement_top1"], "{:.2f}", 100), str(len(r["seeds"]))]
@@ -782,8 +792,7 @@ def results_table(workdir: pathlib.Path, sweep: Sweep) -> str:
   examples = next((r["test_examples"] for r in rows if r["test_examples"]), None)
   means = [np.mean(r["test_accuracy"]) if r["test_accuracy"] else -1.0 for r in rows]
   best = int(np.argmax(means)) if max(means, default=-1.0) >= 0 else -1
-  # A seeds-only sweep has no swept paths: its one row is named instead.
-  header = ([] if sweep.axes else ["setting"]) + [sweep.labels.get(p, p) for p in sweep.paths] + [
+  header = _setting_header(sweep) + [
       "last-epoch test acc (%)", "best-epoch test acc (%)",
       f"test errors (of {examples})" if examples else "test errors",
       "agreement top-1 (%)", "KL(teacher, student)", "seeds"]
@@ -791,7 +800,7 @@ def results_table(workdir: pathlib.Path, sweep: Sweep) -> str:
   for i, r in enumerate(rows):
     setting = r["setting"]
     last = mean_std(r["test_accuracy"], "{:.2f}", 100)
-    cells = ([setting.name] if not sweep.axes else []) + [format_value(setting.values[p]) for p in sweep.paths] + [
+    cells = _setting_cells(sweep, setting) + [
         f"**{last}**" if i == best and len(rows) > 1 else last,
         mean_std(r["best_test_accuracy"], "{:.2f}", 100), mean_std(r["test_errors"], "{:.1f}"),
         mean_std(r["agreement_top1"], "{:.2f}", 100), mean_std(r["kl_teacher"], "{:.4f}"), str(len(r["seeds"]))]

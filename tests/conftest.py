@@ -69,3 +69,103 @@ def count_train_steps(monkeypatch) -> list[int]:
 
   monkeypatch.setattr(loop, "make_train_step", counting_make_train_step)
   return steps
+
+
+def kill_after_first_checkpoint(monkeypatch, run) -> tuple[int, list[dict]]:
+  """Calls ``run()`` (one training run) and kills it (``KeyboardInterrupt``) right after the first train
+  line it logs past its first checkpoint. Returns that checkpoint's step and every batch the run drew."""
+  import pytest
+  from grain._src.python.dataset.transformations.prefetch import PrefetchDatasetIterator
+  from kdlab.train import checkpoint, logging
+  saved, batches = [], []
+  save, write, draw = checkpoint.Checkpointer.save, logging.MetricsLog.write, PrefetchDatasetIterator.__next__
+
+  def save_and_note(self, step, *args):
+    save(self, step, *args)
+    saved.append(step)
+
+  def write_then_die(self, step, metrics):
+    write(self, step, metrics)
+    if saved and step > saved[0] and "loss" in metrics:
+      raise KeyboardInterrupt
+
+  def draw_and_note(self):
+    batches.append(draw(self))
+    return batches[-1]
+
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.Checkpointer, "save", save_and_note)
+    m.setattr(logging.MetricsLog, "write", write_then_die)
+    m.setattr(PrefetchDatasetIterator, "__next__", draw_and_note)
+    with pytest.raises(KeyboardInterrupt):
+      run()
+  return saved[0], batches
+
+
+def watch_resume(monkeypatch) -> dict[str, list]:
+  """What the next run in this process does: ``steps`` (see :func:`count_train_steps`), ``restored``
+  (``(checkpoint folder, step, state_arrays(state), data state)`` per restore) and ``batches`` (the train
+  batches drawn)."""
+  from grain._src.python.dataset.transformations.prefetch import PrefetchDatasetIterator
+  from kdlab.train import checkpoint
+  seen: dict[str, list] = {"steps": count_train_steps(monkeypatch), "restored": [], "batches": []}
+  restore, draw = checkpoint.Checkpointer.restore, PrefetchDatasetIterator.__next__
+
+  def restore_and_note(self, like, step=None):
+    state, data_state = restore(self, like, step)
+    seen["restored"].append((self.directory, step, state_arrays(state), data_state))  # Copies: steps donate it.
+    return state, data_state
+
+  def draw_and_note(self):
+    seen["batches"].append(draw(self))
+    return seen["batches"][-1]
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_and_note)
+  monkeypatch.setattr(PrefetchDatasetIterator, "__next__", draw_and_note)
+  return seen
+
+
+def state_arrays(state) -> dict[tuple[str, ...], "np.ndarray"]:
+  """A ``TrainState`` (or a checkpoint's raw tree) as numpy copies of its leaves by path (PRNG keys as data)."""
+  import dataclasses
+  import re
+  import jax
+  import numpy as np
+  from kdlab.train.state import keys_to_data
+  tree = keys_to_data(dataclasses.asdict(state) if dataclasses.is_dataclass(state) else state)
+  return {tuple(re.findall(r"\w+", jax.tree_util.keystr(k))): np.array(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def checkpoint_contents(directory: pathlib.Path, step: int) -> tuple[dict, dict]:
+  """What ``directory/<step>`` stores, read with orbax alone: :func:`state_arrays` and the data state."""
+  import orbax.checkpoint as ocp
+  arrays = state_arrays(ocp.StandardCheckpointer().restore(directory / str(step) / "state"))
+  return arrays, json.loads((directory / str(step) / "data" / "metadata").read_text())
+
+
+def assert_same_arrays(actual: dict, expected: dict) -> None:
+  """Two :func:`state_arrays` results hold the same paths and bit-identical arrays."""
+  import numpy as np
+  assert sorted(actual) == sorted(expected) and len(expected) > 3
+  for path, array in expected.items():
+    np.testing.assert_array_equal(actual[path], array, err_msg=str(path))
+
+
+def random_gpt_run(root: pathlib.Path, *, sharpen: float = 50.0, seed: int = 3) -> pathlib.Path:
+  """A finished-run folder (``config.json``, ``checkpoints/``) of a randomly initialized 1-layer gpt
+  (vocab 256, ``max_len`` 32, as ``lm_pysrc.py`` quick), its logits scaled up by ``sharpen`` so that
+  they are peaked (a teacher worth distilling; no training needed). Returns the checkpoints folder."""
+  import optax
+  from kdlab import models
+  from kdlab.train.checkpoint import Checkpointer
+  from kdlab.train.state import Learner, init_state
+  spec = dict(name="gpt", vocab_size=256, d_model=32, num_layers=1, num_heads=2, max_len=32)
+  model = models.create(**spec, seed=seed)
+  model.embed.embedding[...] = model.embed.embedding[...] * sharpen
+  _, state = init_state(Learner(model, {}), optax.sgd(0.1), {}, seed)
+  ckpt = Checkpointer(root / "checkpoints")
+  ckpt.save(1, state, {})
+  ckpt.close()
+  (root / "config.json").write_text(json.dumps({"model": spec}))
+  return root / "checkpoints"

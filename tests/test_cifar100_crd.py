@@ -74,12 +74,31 @@ def teacher_dirs(tmp_path_factory, mock_cifar):
   return get
 
 
+def _flat(tree) -> dict[str, np.ndarray]:
+  """``{"a/b/0": leaf}`` (orbax stores int keys as strings, so keys are compared as strings)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
+  return {"/".join(name(k) for k in path): np.asarray(leaf) for path, leaf in leaves}
+
+
 def _train_cell(teacher: str, student: str, method: str, teacher_dirs, tmp_path: pathlib.Path) -> dict:
+  """Trains the cell 2 steps; asserts every student parameter moved from its initialization."""
   config = _config(f"{teacher}-{student}-{method},mock,teacher={teacher_dirs(teacher)}")
   summary = train(config, tmp_path / "run", use_wandb=False, progress=False)
   assert summary["steps"] == 2 and summary["test_examples"] == 16
   assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["test_ce"])
+  kwargs = config.model.to_dict()
+  init = _flat(nnx.to_pure_dict(nnx.state(models.create(kwargs.pop("name"), seed=config.seed, **kwargs), nnx.Param)))
+  trained = _flat(_saved_state(tmp_path / "run", 2)["params"]["student"])
+  assert trained.keys() == init.keys()
+  unchanged = [k for k in init if np.array_equal(init[k], trained[k])]
+  assert not unchanged, f"{method}: 2 steps left {unchanged} at their initial values"
   return summary
+
+
+def _saved_state(run: pathlib.Path, step: int) -> dict:
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(run / "checkpoints" / str(step) / "state")
 
 
 @pytest.mark.parametrize("method", crd.METHODS)
@@ -91,6 +110,17 @@ def test_every_method_trains_two_steps(method, teacher_dirs, tmp_path):
   for term in config["objective"]:
     name = term.get("name", term["loss"])
     assert any(n.endswith("/" + name) for n in names), (name, sorted(names))
+  if "crd" in method:  # The memory bank moved: the rows of the examples seen, and Z was fixed on the first step.
+    from kdlab.train.prepare import prepare
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+      init = prepare(_config(f"{METHOD_PAIR[0]}-{METHOD_PAIR[1]}-{method},mock,teacher={teacher_dirs(METHOD_PAIR[0])}"))
+    bank = init.objective.init_state()["crd"]
+    saved = _saved_state(tmp_path / "run", 2)["term_states"]["crd"]
+    saved = dict(zip(bank._fields, saved)) if isinstance(saved, (list, tuple)) else saved
+    for side in ("memory_s", "memory_t"):
+      moved = np.any(np.asarray(saved[side]) != np.asarray(getattr(bank, side)), axis=-1)
+      assert moved.sum() >= 8, (side, moved)  # two batches of 8 of the 16 examples
+    assert float(bank.z_s) == -1.0 and float(saved["z_s"]) > 0 and float(saved["z_t"]) > 0
 
 
 @pytest.mark.parametrize("pair", [p for p in crd.PAIRS if p != METHOD_PAIR], ids="-".join)

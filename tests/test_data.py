@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from kdlab import cli
 from kdlab.data import eval_batches, load, train_dataset
 from kdlab.data.augment import crop_flip, jitter, shift
 from kdlab.errors import UserError
+
+from conftest import HINTON
 
 
 def test_mnist5k_split_is_stratified_and_fixed():
@@ -40,15 +43,59 @@ def test_tfds_source_with_mock_data():
     assert batch["image"].shape == (4, 28, 28, 1) and batch["image"].dtype == np.float32
 
 
-def test_shift_and_jitter():
+def test_tfds_source_not_prepared_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+  data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
+  data_dir.mkdir()
+  code = cli.main(["train", f"--config={HINTON}:student,source=tfds:mnist,quick", f"--workdir={workdir}",
+                   f"--config.data.data_dir={data_dir}", "--nowandb", "--no-progress"])
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("kdlab")]
+  assert code == 2 and len(err) == 1, err
+  assert err[0].startswith("kdlab: error: data.source=tfds:mnist: TFDS dataset not available locally (")
+  assert err[0].endswith("); prepare it under data.data_dir first")
+  assert not workdir.exists() and not any(data_dir.rglob("*"))  # Nothing trained, nothing downloaded.
+
+
+def _shifted(image: np.ndarray, dy: int, dx: int, pad: int = 2) -> np.ndarray:
+  """``image`` moved down ``dy`` and right ``dx`` pixels, zero-filled (by padding and cropping)."""
+  h, w = image.shape[:2]
+  return np.pad(image, ((pad, pad), (pad, pad), (0, 0)))[pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+OFFSETS = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+
+
+def test_shift_moves_the_image_and_fills_zeros():
   img = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
   moved = shift(img, 1, -1)
   assert moved[1, 0, 0] == img[0, 1, 0] and np.all(moved[0] == 0) and np.all(moved[:, -1] == 0)
-  rng = np.random.default_rng(0)
-  for _ in range(20):
-    out = jitter(img, rng, max_shift=2)
-    assert out.shape == img.shape and out.sum() <= img.sum()
-  assert crop_flip(np.ones((8, 8, 3), np.uint8), rng, padding=2).shape == (8, 8, 3)
+  for dy, dx in OFFSETS:
+    assert np.array_equal(shift(img, dy, dx), _shifted(img, dy, dx))
+  assert crop_flip(np.ones((8, 8, 3), np.uint8), np.random.default_rng(0), padding=2).shape == (8, 8, 3)
+
+
+def test_jitter_translates_by_a_random_offset_of_at_most_max_shift():
+  img = np.random.default_rng(1).integers(1, 256, (7, 6, 1), dtype=np.uint8)  # No zeros: every offset differs.
+  seen = []
+  for seed in range(40):
+    out = jitter(img, np.random.default_rng(seed), max_shift=2)
+    offsets = [o for o in OFFSETS if np.array_equal(out, _shifted(img, *o))]
+    assert len(offsets) == 1, seed
+    seen += offsets
+  assert len(set(seen)) >= 12 and seen.count((0, 0)) <= 8  # Spread over the 25 offsets; mostly moved.
+
+
+def test_jitter_augmentation_moves_training_images_of_the_pipeline():
+  source = load("digits", "train")
+  plain = train_dataset(source, batch_size=64, seed=3)[0]
+  batch = train_dataset(source, batch_size=64, seed=3, augment="jitter")[0]
+  assert np.array_equal(batch["index"], plain["index"])
+  moved = 0
+  for image, i in zip(batch["image"], batch["index"]):
+    original = source[int(i)]["image"]
+    matches = [o for o in OFFSETS if np.allclose(image, _shifted(original, *o) / 255.0)]
+    assert matches, i  # Every image is its source image translated by at most 2 pixels.
+    moved += (0, 0) not in matches
+  assert moved >= 32
 
 
 def test_pipeline_is_deterministic_and_resumable():

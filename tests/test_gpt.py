@@ -1,4 +1,4 @@
-"""The "gpt" decoder-only LM: shapes, taps, causality, sharding names, and that it learns."""
+"""The "gpt" decoder-only LM: shapes, taps, causality, sharding names (its training: test_lm_train.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import kdlab.models.gpt  # noqa: F401  (registers "gpt")
-from kdlab.data import text
 from kdlab.models import registry
 
 CFG = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, max_len=16)
@@ -120,30 +118,3 @@ def test_created_sharded_under_a_mesh():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["spec"] == str(jax.P("model", None))
   assert out["err"] < 1e-5
-
-
-def test_lm_trains_on_pysrc():
-  data = text.pysrc("train", seq_len=16, max_bytes=40_000)
-  model = registry.create("gpt", seed=0, vocab_size=256, d_model=32, num_layers=2, num_heads=2,
-                          max_len=16)
-  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt, tokens, targets, mask):
-    def loss_fn(model):
-      logits, _ = model(tokens, train=True)
-      nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-      return jnp.sum(nll * mask) / jnp.sum(mask)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
-
-  rng = np.random.default_rng(0)
-  losses = []
-  for _ in range(30):
-    idx = rng.choice(len(data), 16, replace=False)
-    losses.append(float(step(model, opt, data.tokens[idx], data.targets[idx], data.mask[idx])))
-  assert np.isfinite(losses).all()
-  assert losses[0] > 5.0  # about ln(256) at initialization
-  assert np.mean(losses[-5:]) < losses[0] - 1.5, losses

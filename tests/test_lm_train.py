@@ -4,6 +4,7 @@ import json
 import math
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from kdlab.train import checkpoint
 from kdlab.train.prepare import prepare
 from kdlab.train.loop import train
 
-from conftest import ROOT, read_jsonl
+from conftest import HINTON, ROOT, random_gpt_run, read_jsonl
 
 LM = str(ROOT / "configs" / "lm_pysrc.py")
 
@@ -43,6 +44,7 @@ def test_lm_trains_on_pysrc_and_reports_validation_metrics(runs):
   assert losses[-1] < losses[0] - 0.5  # From ~ln(256) = 5.5 nats per byte.
   summary = json.loads((runs / "teacher" / "summary.json").read_text())
   assert summary["val_loss"] < math.log(256) - 1.0
+  assert max(losses[-1], summary["val_loss"]) < math.log(256) - 1.5  # 40 steps: 1.5 nats below a uniform guess.
   assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
   assert summary["best_val_loss"] <= summary["val_loss"]
   assert summary["kl_teacher"] is None and summary["agreement_top1"] is None  # No teacher.
@@ -64,27 +66,41 @@ def test_kd_run_reports_per_token_metrics_against_its_teacher(runs):
   assert kd[-1] < kd[0]
 
 
-def test_interrupted_kd_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch):
+def test_killed_kd_run_resumes_only_the_remaining_steps_to_the_same_result(runs, tmp_path, monkeypatch):
+  import jax
+  from conftest import (assert_same_arrays, checkpoint_contents, kill_after_first_checkpoint, tree_snapshot,
+                        watch_resume)
   config = _config("kd", runs / "teacher" / "checkpoints")
-  save = checkpoint.Checkpointer.save
-  calls = []
+  workdir = tmp_path / "kd"
+  # Killed at its first train line after the half-way checkpoint (it logged past it).
+  first, drawn = kill_after_first_checkpoint(monkeypatch, lambda: train(config, workdir, use_wandb=False,
+                                                                         progress=False))
+  lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+  kept = [l for l in lines if json.loads(l)["step"] <= first]
+  assert kept and len(kept) < len(lines) and not (workdir / "summary.json").exists()
+  assert first < config.train.num_steps
+  saved = tree_snapshot(workdir / "checkpoints" / str(first))
+  stored_state, stored_data = checkpoint_contents(workdir / "checkpoints", first)
 
-  def save_then_stop(self, step, state, data_state):
-    save(self, step, state, data_state)
-    calls.append(step)
-    if len(calls) == 1:  # Killed right after its first checkpoint (half way).
-      raise KeyboardInterrupt
-
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
-  with pytest.raises(KeyboardInterrupt):
-    train(config, tmp_path / "kd", use_wandb=False, progress=False)
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
-  assert not (tmp_path / "kd" / "summary.json").exists() and calls[-1] < config.train.num_steps
-  resumed = json.loads(json.dumps(train(config, tmp_path / "kd", use_wandb=False, progress=False)))
+  seen = watch_resume(monkeypatch)
+  resumed = json.loads(json.dumps(train(config, workdir, use_wandb=False, progress=False)))
+  jax.effects_barrier()
+  # Only the remaining steps ran, from exactly the state and data position the checkpoint holds.
+  assert sorted(seen["steps"]) == list(range(first, config.train.num_steps))
+  [(directory, step, state, data_state)] = seen["restored"]
+  assert directory == workdir / "checkpoints" and step == first and state[("step",)] == first
+  assert_same_arrays(state, stored_state)
+  assert data_state == stored_data
+  assert len(seen["batches"]) == config.train.num_steps - first
+  for key, value in drawn[first].items():  # The batch the killed run drew after the checkpoint comes next.
+    np.testing.assert_array_equal(seen["batches"][0][key], value, err_msg=key)
+  # The earlier checkpoint and log lines are untouched; the killed run's later lines are replaced.
+  assert tree_snapshot(workdir / "checkpoints" / str(first)) == saved
+  assert (workdir / "metrics.jsonl").read_text().startswith("".join(kept))
   full = json.loads((runs / "kd" / "summary.json").read_text())
   drop = ("wall_time_s", "steps_per_s")
   assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
-  full_log, resumed_log = read_jsonl(runs / "kd" / "metrics.jsonl"), read_jsonl(tmp_path / "kd" / "metrics.jsonl")
+  full_log, resumed_log = read_jsonl(runs / "kd" / "metrics.jsonl"), read_jsonl(workdir / "metrics.jsonl")
   assert [l["step"] for l in resumed_log] == [l["step"] for l in full_log]
   np.testing.assert_allclose([l.get("loss", l.get("val/loss")) for l in resumed_log],
                              [l.get("loss", l.get("val/loss")) for l in full_log], rtol=1e-6)
@@ -101,6 +117,74 @@ def test_minilm_terms_get_the_attention_taps_they_name(runs, tmp_path):
   train(config, tmp_path / "minilm", use_wandb=False, progress=False)
   line = [l for l in read_jsonl(tmp_path / "minilm" / "metrics.jsonl") if "loss" in l][-1]
   assert line["distill/attention_kl"] > 0 and line["distill/value_relation"] > 0
+
+
+def test_kdlab_sample_continues_with_the_weights_kdlab_train_saved(tmp_path, capsys):
+  """docs/generation.md: ``kdlab sample --workdir=RUN`` on a run of ``kdlab train`` (its last checkpoint)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from kdlab import models
+  from kdlab.data.text import ByteTokenizer
+  workdir, prompt, n = tmp_path / "run", "def f(", 12
+  assert cli.main(["train", f"--config={LM}:teacher,quick,steps=12", f"--workdir={workdir}", "--nowandb",
+                   "--no-progress"]) == 0
+  capsys.readouterr()
+  assert cli.main(["sample", f"--workdir={workdir}", f"--prompt={prompt}", f"--max_new_tokens={n}",
+                   "--temperature=0"]) == 0
+  printed = capsys.readouterr().out
+  spec = dict(json.loads((workdir / "config.json").read_text())["model"])
+  params, _ = checkpoint.load_student_variables(workdir / "checkpoints", "run")
+
+  forward = nnx.jit(lambda model, seq: model(seq, train=False)[0])
+
+  def greedy(model):  # the plain forward pass, one token at a time, in a buffer of the model's width (causal)
+    ids = [ByteTokenizer.EOD, *ByteTokenizer().encode(prompt)]
+    seq = np.zeros((1, model.max_len), np.int32)
+    seq[0, :len(ids)] = ids
+    for i in range(len(ids), len(ids) + n):
+      seq[0, i] = int(jnp.argmax(forward(model, seq)[0, i - 1]))
+    new = seq[0, len(ids):len(ids) + n].tolist()
+    return ByteTokenizer().decode(new[:new.index(0)] if 0 in new else new)
+
+  fresh = models.create(spec.pop("name"), seed=0, **spec)
+  untrained = greedy(fresh)
+  state = nnx.state(fresh, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(fresh, state)
+  trained = greedy(fresh)
+  assert trained != untrained  # the saved weights decide what is printed
+  assert printed == prompt + trained + "\n"
+
+
+def _token_kd_run(workdir: pathlib.Path, teacher: pathlib.Path, impl: str) -> list[dict]:
+  """kd alone (ce=0) for 5 steps, every step logged; chunked/fused in chunks of 80 tokens = 10 of the
+  32 positions (starts 0, 10, 20, 22: the last chunk overlaps the one before)."""
+  config = load(f"{LM}:kd,quick,steps=5,ce=0,impl={impl},teacher={teacher}")
+  if impl != "plain":
+    config.objective[0]["chunk_size"] = 80
+  config.train.log_every_steps = 1
+  config.train.eval_every_epochs = config.train.checkpoint_every_epochs = 100.0  # only at the end
+  train(config, workdir, use_wandb=False, progress=False)
+  return [l for l in read_jsonl(workdir / "metrics.jsonl") if "loss" in l]
+
+
+@pytest.fixture(scope="module")
+def plain_token_kd(tmp_path_factory):
+  root = tmp_path_factory.mktemp("token_kd")
+  teacher = random_gpt_run(root / "teacher")
+  return teacher, _token_kd_run(root / "plain", teacher, "plain"), root
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_chunked_and_fused_token_kd_train_to_the_plain_losses_and_gradients(plain_token_kd, tmp_path, impl):
+  teacher, plain, root = plain_token_kd
+  got = _token_kd_run(tmp_path / impl, teacher, impl)
+  assert [l["step"] for l in got] == [l["step"] for l in plain] == [1, 2, 3, 4, 5]
+  assert plain[0]["distill/kd"] > 0.5  # a peaked teacher: far from the student at init
+  for key in ("distill/kd", "loss", "l2_grads", "l2_params"):
+    np.testing.assert_allclose([l[key] for l in got], [l[key] for l in plain], rtol=1e-5, err_msg=key)
+  params = [checkpoint.load_student_variables(d / "checkpoints", d.name)[0] for d in (tmp_path / impl, root / "plain")]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)  # Adam: ~3e-3 steps
 
 
 def _fake_teacher(root: pathlib.Path, **model) -> pathlib.Path:
@@ -126,6 +210,33 @@ def test_bad_input_is_one_line_error_before_anything_is_written(runs, tmp_path, 
   workdir = tmp_path / "run"
   code = cli.main(["train", f"--config={LM}:{variant},quick,teacher={teacher}", f"--workdir={workdir}",
                    "--nowandb", "--no-progress", *overrides])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("kdlab: error: ") and len(err.strip().splitlines()) == 1, err
+  assert message in err
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("config, objective, message", [
+    (f"{HINTON}:student,source=digits,quick", "[{'loss': 'kd', 'impl': 'fused'}]",
+     "config.objective[0] (kd): impl='fused' applies to token logits [batch, length, vocab] (language models)"),
+    (f"{LM}:kd,quick", "[{'loss': 'logit_l2', 'impl': 'fused'}]",
+     "impl='fused': only kd, reverse_kl, jsd, tvd have chunked and fused forms"),
+    (f"{LM}:kd,quick", "[{'loss': 'kd', 'impl': 'fused', 'from_teachers': ['a', 'b'], 'combine': 'mean_probs'}]",
+     "impl='fused' distils from one teacher (from_teacher); use impl='plain' with from_teachers"),
+    (f"{LM}:kd,quick", "[{'loss': 'kd', 'impl': 'fused', 'student': 'block0', 'teacher': 'block0'}]",
+     "impl='fused' computes the logits from feats['final']; it takes student='logits' and teacher='logits'"),
+    (f"{LM}:kd,quick", "[{'loss': 'kd', 'impl': 'plain', 'chunk_size': 64}]",
+     "chunk_size applies to impl='chunked' or impl='fused'"),
+])
+def test_documented_fused_and_chunked_misuse_is_a_one_line_error(tmp_path, capsys, config, objective, message):
+  """docs/lm.md "Checked at start-up" (a model without an unembedding cannot reach a text source:
+  only gpt models pass the language-model checks)."""
+  teacher = _fake_teacher(tmp_path / "fake")
+  teachers = [] if config.startswith(HINTON) else [
+      f"--config.teachers=[{{'init': '{teacher}', 'name': 'a'}}, {{'init': '{teacher}', 'name': 'b'}}]"]
+  workdir = tmp_path / "run"
+  code = cli.main(["train", f"--config={config}", f"--workdir={workdir}", "--nowandb", "--no-progress", *teachers,
+                   f"--config.objective={objective}"])
   err = capsys.readouterr().err
   assert code == 2 and err.startswith("kdlab: error: ") and len(err.strip().splitlines()) == 1, err
   assert message in err

@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +94,32 @@ def test_duplicate_names_and_empty_objective():
   objectives.build([dict(loss="kd"), dict(loss="kd", name="kd_t4", temperature=4.0)], _shapes(), nnx.Rngs(0))
   with pytest.raises(UserError, match="objective is empty"):
     objectives.build([], _shapes(), nnx.Rngs(0))
+
+
+# --- eval-only teachers (docs/lm.md: loaded for the eval metrics, left out of the objective) ---------
+
+def _teacher_dir(root, model: dict):
+  """A teacher run folder: config.json and a checkpoint step (start-up reads only the config)."""
+  (root / "checkpoints" / "1").mkdir(parents=True)
+  (root / "config.json").write_text(json.dumps({"model": model}))
+  return str(root / "checkpoints")
+
+
+def test_terms_cannot_name_an_eval_only_teacher(tmp_path):
+  from kdlab.config import load
+  from kdlab.train.prepare import prepare
+  from conftest import HINTON
+  model = load(f"{HINTON}:teacher,source=digits,quick").model.to_dict()
+  config = load(f"{HINTON}:kd,source=digits,quick")
+  config.teachers = [dict(init=_teacher_dir(tmp_path / "a", model), name="t0"),
+                     dict(init=_teacher_dir(tmp_path / "b", model), name="watch", eval_only=True)]
+  setup = prepare(config)  # kd from teacher 0
+  assert setup.objective_teachers == (0,) and list(setup.shapes.teacher_names) == ["t0"]
+  assert [s["name"] for s in setup.teacher_specs] == ["t0", "watch"]  # both loaded: the eval step runs t0
+  config.objective = [dict(loss="ce", weight=0.1), dict(loss="kd", weight=0.9, from_teacher="watch")]
+  with pytest.raises(UserError, match=r"config.objective\[1\] \(kd\): from_teacher='watch' names no teacher; "
+                                      r"teachers are \['t0'\]"):
+    prepare(config)
+  config.objective = [dict(loss="kd", from_teacher=1)]
+  with pytest.raises(UserError, match=r"from_teacher=1 is out of range; there are 1 teachers"):
+    prepare(config)

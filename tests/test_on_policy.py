@@ -159,10 +159,34 @@ def test_lambda_zero_equals_the_off_policy_run_exactly(teacher, tmp_path):
   assert s_off["val_loss"] == s_zero["val_loss"] and s_off["kl_teacher"] == s_zero["kl_teacher"]
 
 
-def test_lambda_one_trains_with_a_finite_loss_and_logs_the_generation_share(teacher, tmp_path):
+def test_lambda_one_trains_on_the_students_samples_and_logs_the_generation_share(teacher, tmp_path, monkeypatch):
+  """lambda = 1: every step trains on the student's own continuations (the first step's batch is what the
+  freshly initialized student samples for (seed, step 0)), masked to the generated tokens; the loss is
+  finite and the generation's share of the step time is logged."""
   config = _gkd("onpolicy_rkl", teacher)
   config.objective[0]["length_normalize"] = False
+  trained, wrap = [], on_policy.Runner.wrap
+
+  def recording_wrap(self, train_step):
+    def record(state, teacher_vars, batch):
+      trained.append((int(np.asarray(state.step)), {k: np.asarray(v) for k, v in batch.items()}))
+      return train_step(state, teacher_vars, batch)
+    return wrap(self, record)
+
+  monkeypatch.setattr(on_policy.Runner, "wrap", recording_wrap)
   summary = train(config, tmp_path / "rkl", use_wandb=False, progress=False)
+  spec = on_policy.parse(config, max_len=config.model.max_len, seq_len=config.data.seq_len)
+  p, n = spec.prompt_len, spec.max_new_tokens
+  assert [s for s, _ in trained] == list(range(STEPS))
+  for _, batch in trained:
+    b = batch["tokens"].shape[0]
+    assert batch["token_mask"].sum() == b * n and batch["token_mask"][:, p - 1:p - 1 + n].all()
+  kwargs = config.model.to_dict()
+  student = registry.create(kwargs.pop("name"), seed=config.seed, **kwargs)
+  first = trained[0][1]
+  sampled = generate(student, first["tokens"][:, :p], max_new_tokens=n, temperature=spec.temperature,
+                     key=on_policy.rollout_key(jnp.int32(config.seed), jnp.int32(0)))
+  np.testing.assert_array_equal(first["tokens"][:, :p + n], np.asarray(sampled.tokens))
   lines = [l for l in read_jsonl(tmp_path / "rkl" / "metrics.jsonl") if "loss" in l]
   assert len(lines) == STEPS and all(math.isfinite(l["loss"]) for l in lines)
   assert all(l["on_policy/fraction"] == 1.0 for l in lines)

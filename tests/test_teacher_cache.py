@@ -98,8 +98,10 @@ def test_round_trip_across_shards(tmp_path, dataset, teacher):
     cache.lookup(np.array([94]))
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_full_vocab_cache_equals_kd_with_live_teacher(tmp_path, dataset, teacher, temperature):
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_topk_kd_from_a_full_vocab_cache_equals_kd_with_the_live_teacher(tmp_path, dataset, teacher, temperature):
+  """k = V: values and gradients, with the cache's rest mass (-inf) and without it (the
+  test_sequence_losses copy of this check is merged here)."""
   teacher_cache.build_cache(teacher, dataset, k=V, out_dir=tmp_path / "c", fingerprint="fp", batch_size=8,
                             shard_size=32)
   idx = np.array([3, 40, 77, 93])
@@ -109,17 +111,19 @@ def test_full_vocab_cache_equals_kd_with_live_teacher(tmp_path, dataset, teacher
   t_logits = teacher(dataset.tokens[idx])
   s_logits = 3.0 * jax.random.normal(jax.random.key(1), t_logits.shape)
 
-  def cached_loss(s):
+  def per_sequence(s, rest):
     return sequence.topk_kd(s, cached["cache/topk_logprobs"], cached["cache/topk_indices"], mask,
-                            temperature=temperature, rest_logprobs=cached["cache/rest_logprobs"]).sum()
+                            temperature=temperature, rest_logprobs=rest)
 
-  def live_loss(s):
-    return sequence.token_loss("kd", s, t_logits, mask, temperature=temperature).sum()
+  def live(s):
+    return sequence.token_loss("kd", s, t_logits, mask, temperature=temperature)
 
-  cached_value, cached_grad = jax.jit(jax.value_and_grad(cached_loss))(s_logits)
-  live_value, live_grad = jax.jit(jax.value_and_grad(live_loss))(s_logits)
-  np.testing.assert_allclose(cached_value, live_value, rtol=1e-5)
-  np.testing.assert_allclose(cached_grad, live_grad, rtol=1e-5, atol=1e-9)
+  live_grad = jax.jit(jax.grad(lambda s: live(s).sum()))(s_logits)
+  assert np.abs(np.asarray(live_grad)).max() > 1e-3
+  for rest in (cached["cache/rest_logprobs"], None):
+    np.testing.assert_allclose(per_sequence(s_logits, rest), live(s_logits), rtol=1e-5, atol=1e-6)
+    cached_grad = jax.jit(jax.grad(lambda s: per_sequence(s, rest).sum()))(s_logits)
+    np.testing.assert_allclose(cached_grad, live_grad, rtol=1e-5, atol=1e-9)
 
 
 def _lm_shapes(b, k, with_cache=True, logits_shape=None):
@@ -349,3 +353,24 @@ def test_training_from_a_full_vocab_cache_equals_training_with_the_live_teacher(
     np.testing.assert_allclose(a["l2_grads"], b["l2_grads"], rtol=1e-5)
   params = {name: load_student_variables(tmp_path / name / "checkpoints", name)[0] for name in ("cached", "live")}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params["cached"], params["live"])
+
+
+def test_kdlab_train_refuses_a_cache_built_for_another_teacher_data_or_k(tmp_path, teachers, capsys):
+  """configs/lm_pysrc.py:kd-cached through ``kdlab train``: one line naming what differs; nothing written."""
+  from kdlab.config import load
+  from conftest import ROOT, tree_snapshot
+  lm, cache = str(ROOT / "configs" / "lm_pysrc.py"), tmp_path / "cache"
+  teacher_cache.cache_teacher(load(f"{lm}:kd-cached,quick,k=8,teacher={teachers['a']},cache={cache}"), cache)
+  built = tree_snapshot(cache)
+  for options, overrides, part in [(f"k=8,teacher={teachers['b']}", [], "teacher"),
+                                   (f"k=4,teacher={teachers['a']}", [], "k"),
+                                   (f"k=8,teacher={teachers['a']}", ["--config.data.max_bytes=8192"], "data")]:
+    workdir = tmp_path / "run"
+    code = cli.main(["train", f"--config={lm}:kd-cached,quick,{options},cache={cache}", f"--workdir={workdir}",
+                     "--nowandb", "--no-progress", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdlab: error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"config.teacher_cache={str(cache)!r}: built for another teacher, tokenizer, data or k " \
+           f"(its fingerprint differs in {part})" in err, err
+    assert not workdir.exists()
+  assert tree_snapshot(cache) == built

@@ -1,6 +1,7 @@
-"""Every objective term from config: built against real tap shapes, trained through the real
-train step until its loss falls; start-up errors name the term; per-term gradient norms; the
-connector warm-up.
+"""Every objective term from config: built against real tap shapes, its gradient w.r.t. the student's
+outputs equal to that of its standalone ``kdlab.losses`` function (and non-zero), trained through the
+real train step until its loss falls; start-up errors name the term; per-term gradient norms; the
+connector warm-up; CRD's memory bank.
 
 A tiny two-stage CNN with one attention layer stands in for the zoo (it has every tap kind: NHWC
 stages, pre-activations, a pooled vector, attention probabilities and values). The student is
@@ -11,6 +12,7 @@ that only a few train steps are compiled.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -20,9 +22,9 @@ import optax
 import pytest
 from flax import nnx
 
-from kdlab import models, objective as objectives
+from kdlab import losses, models, objective as objectives
 from kdlab.errors import UserError
-from kdlab.objective import ModelOutput, Shapes
+from kdlab.objective import ModelOutput, Shapes, StepInputs
 from kdlab.train.state import Learner, init_state
 from kdlab.train.step import Teacher, make_train_step
 
@@ -166,6 +168,106 @@ def test_term_loss_falls_in_training(runs, group, name):
   assert last < first - 0.05 * abs(first), (name, [round(h[key], 5) for h in history])
 
 
+# --- each term's gradient is that of its standalone loss -------------------------------------------
+
+def _pairs_sum(fn, s_taps, t_taps):
+  return sum(fn(s, t) for s, t in zip(s_taps, t_taps))
+
+
+def _standalone(name: str, conn, s: ModelOutput, t: dict, batch, key, state) -> jax.Array:
+  """The term's per-example loss ``[B]`` straight from ``kdlab.losses`` (through its connector, if any)."""
+  w, same, label = t["wide"], t["same"], batch["label"]
+  sf, wf = s.feats, w.feats
+  logit = {"kd": lambda: losses.kd(s.logits, w.logits, temperature=4.0),
+           "reverse_kl": lambda: losses.reverse_kl(s.logits, w.logits, temperature=2.0),
+           "jsd": lambda: losses.jsd(s.logits, w.logits, beta=0.3, temperature=2.0),
+           "tvd": lambda: losses.tvd(s.logits, w.logits, temperature=2.0),
+           "dkd": lambda: losses.dkd(s.logits, w.logits, label, alpha=1.0, beta=2.0, temperature=4.0),
+           "logit_l2": lambda: losses.logit_l2(s.logits, w.logits),
+           "hard_ce": lambda: losses.hard_ce(s.logits, w.logits, label_smoothing=0.1),
+           "ce": lambda: losses.ce(s.logits, label)}
+  if name in logit:
+    return logit[name]()
+  fitnet = {"fitnet": ("stage1", "stage1"), "fitnet_down": ("stage1", "stage2"), "fitnet_up": ("stage2", "stage1"),
+            "fitnet_vec": ("pool", "pool")}
+  if name in fitnet:
+    a, b = fitnet[name]
+    return losses.fitnet(conn[0](sf[a], train=True), wf[b])
+  taps2 = ("stage1", "stage2")
+  if name == "vid":
+    return sum(losses.vid(conn[i](sf[k], train=True), wf[k], log_scale=conn[i].log_scale[...])
+               for i, k in enumerate(taps2))
+  if name == "ab":
+    return sum(losses.ab(conn[i](sf[k], train=True), wf[k]) for i, k in enumerate(("stage1_preact", "stage2_preact")))
+  if name == "ft":  # (+ the paraphraser's reconstruction error, which does not depend on the student)
+    ft = conn[0]
+    return losses.ft(ft.translator(sf["stage2"], train=True),
+                     jax.lax.stop_gradient(ft.paraphraser.encode(wf["stage2"], train=True)))
+  if name in ("cc", "info_nce"):
+    return getattr(losses, name)(conn[0].student(sf["pool"], train=True), conn[0].teacher(wf["pool"], train=True))
+  if name == "crd":
+    return losses.crd(conn.student(sf["pool"], train=True), conn.teacher(wf["pool"], train=True), batch["index"],
+                      state, key=key, num_negatives=NUM_EXAMPLES - 1, temperature=0.1)[0]
+  if name in ("sp", "rkd_distance", "rkd_angle", "pkt"):
+    tap = "stage2" if name == "sp" else "pool"
+    return getattr(losses, name)(sf[tap], wf[tap])
+  if name in ("nst", "at"):
+    fn = losses.nst if name == "nst" else functools.partial(losses.at, p=2)
+    return _pairs_sum(fn, [sf[k] for k in taps2], [wf[k] for k in taps2])
+  if name == "fsp":
+    return sum(losses.fsp((sf[a], sf[b]), (same.feats[a], same.feats[b])) for a, b in (("stem", "stage1"), taps2))
+  if name in ("attention_kl", "value_relation"):
+    tap = "attn" if name == "attention_kl" else "values"
+    return getattr(losses, name)(sf[tap], wf[tap])
+  raise KeyError(name)
+
+
+GRADIENT_TERMS = [(name, spec) for specs in GROUPS.values() for spec in specs
+                  if (name := spec.get("name", spec["loss"])) != "top_k_agreement"] + [("ce", dict(loss="ce"))]
+
+
+@pytest.fixture(scope="module")
+def outputs():
+  """The tiny models' outputs on the batch: the student's ``ModelOutput`` and the teachers' by name."""
+  student, teachers = _models()
+  run = nnx.jit(lambda m, x: ModelOutput(*m(x, train=False)))
+  x = _batch()["image"]
+  return run(student, x), {name: run(model, x) for name, model in teachers.items()}
+
+
+def test_every_term_is_in_the_gradient_check():
+  assert {spec["loss"] for _, spec in GRADIENT_TERMS} == set(objectives.term_names()) - {"top_k_agreement", "topk_kd"}
+
+
+@pytest.mark.parametrize("name, spec", GRADIENT_TERMS, ids=[n for n, _ in GRADIENT_TERMS])
+def test_term_gradient_is_the_weighted_standalone_loss_gradient(outputs, name, spec):
+  """d(objective)/d(student outputs) of the term alone = d(weight * mean(standalone loss)), and is non-zero."""
+  s_out, t_outs = outputs
+  objective = _build([spec])
+  (term,) = objective.terms
+  batch, key = _batch(), jax.random.key(5)
+  graphdef, variables = nnx.split(term.connector) if term.connector is not None else (None, None)
+  states = objective.init_state()
+
+  def through_objective(s, variables):
+    conns = {} if graphdef is None else {term.name: nnx.merge(graphdef, variables)}
+    inputs = StepInputs(s, list(t_outs.values()), batch, jnp.zeros((), jnp.int32), key)
+    return objective(conns, inputs, states)[0]
+
+  def standalone(s, variables):
+    conn = None if graphdef is None else nnx.merge(graphdef, variables)
+    (term_key,) = jax.random.split(key, 1)  # The objective gives each term its own key.
+    per_example = _standalone(name, conn, s, t_outs, batch, term_key, states.get(name))
+    return spec.get("weight", 1.0) * jnp.mean(per_example)
+
+  # Differentiated w.r.t. the connector too (as the train step does), so its batch statistics may update.
+  grads = lambda f: lambda s, v: jax.grad(f, argnums=(0, 1))(s, v)[0]  # noqa: E731
+  got, want = jax.jit(lambda s, v: (grads(through_objective)(s, v), grads(standalone)(s, v)))(s_out, variables)
+  assert float(optax.tree.norm(got)) > 0, f"{name}: no gradient reaches the student"
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(w).max())), err_msg=name)
+
+
 def test_agreement_is_a_metric_that_rises_under_distillation(runs):
   history, _ = runs["logits"]
   values = [h["agreement/top_k_agreement"] for h in history]
@@ -202,6 +304,26 @@ def test_crd_carries_its_memory_bank():
   (term,) = objective.terms
   assert term.state.memory_s.shape == (NUM_EXAMPLES, 8) and float(term.state.z_s) == -1.0
   assert set(objective.connectors()) == {"crd"}
+
+
+def test_crd_memory_bank_moves_in_training():
+  """Two train steps on the 16 examples: every bank row moved (rows of the batch's ``index``), Z was fixed."""
+  student, teachers = _models()
+  objective = objectives.build([dict(loss="crd", feat_dim=8, temperature=0.1)], _shapes(student, teachers),
+                               nnx.Rngs(7))
+  tx = optax.adam(1e-2)
+  graphdef, state = init_state(Learner(student, objective.connectors()), tx, objective.init_state(), seed=0)
+  t_graph, params, rest = nnx.split(teachers["wide"], nnx.Param, ...)
+  step = jax.jit(make_train_step(graphdef, objective, tx, [Teacher("wide", t_graph)]))
+  bank = objective.init_state()["crd"]
+  batch = _batch()
+  half = {k: v[:8] for k, v in batch.items()}  # examples 0..7 only
+  state, _ = step(state, [(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))], half)
+  after = state.term_states["crd"]
+  for side in ("memory_s", "memory_t"):
+    moved = np.any(np.asarray(getattr(after, side)) != np.asarray(getattr(bank, side)), axis=-1)
+    np.testing.assert_array_equal(moved, np.arange(NUM_EXAMPLES) < 8, err_msg=side)
+  assert float(bank.z_s) == -1.0 and float(after.z_s) > 0 and float(after.z_t) > 0
 
 
 @pytest.mark.parametrize("spec, message", [

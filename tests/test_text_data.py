@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import sysconfig
+
 import numpy as np
 import pytest
 
 from kdlab.data import text
+
+from conftest import ROOT, child_env
 
 
 def test_tokenizer_round_trips():
@@ -34,13 +43,34 @@ def test_pack_shift_mask_and_boundaries():
   assert item["mask"].dtype == np.float32
 
 
-def test_pysrc_split_is_deterministic_and_disjoint():
+_SPLIT = ("import json, sys\nfrom kdlab.data import text\n"
+          "files = text.pysrc_files(sys.argv[1] if len(sys.argv) > 1 else None)\n"
+          "print(json.dumps([f for f in files if text.is_validation(f)]))")
+
+
+def _validation_files_in_a_child(*args: str, hash_seed: str) -> list[str]:
+  proc = subprocess.run([sys.executable, "-c", _SPLIT, *args], env=dict(child_env(), PYTHONHASHSEED=hash_seed),
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout)
+
+
+def test_pysrc_split_is_the_same_in_every_process_and_under_any_root(tmp_path):
+  """Other processes (other string-hash seeds) and a copy of some files under another root give the
+  same validation files: the split depends on the file's relative path alone."""
   files = text.pysrc_files()
   assert len(files) > 100 and files == sorted(files)
   assert not any("site-packages" in f or "/test/" in f"/{f}" for f in files)
   val = [f for f in files if text.is_validation(f)]
   assert 0.02 < len(val) / len(files) < 0.1
-  assert [f for f in files if text.is_validation(f)] == val  # stable
+  assert _validation_files_in_a_child(hash_seed="1") == _validation_files_in_a_child(hash_seed="2") == val
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  subset = val[:5] + [f for f in files if f not in val][:20]
+  for f in subset:
+    (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(stdlib / f, tmp_path / f)
+  assert text.pysrc_files(str(tmp_path)) == sorted(subset)
+  assert _validation_files_in_a_child(str(tmp_path), hash_seed="3") == sorted(val[:5])
 
 
 def test_pysrc_packs_limited_text():

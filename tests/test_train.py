@@ -3,29 +3,39 @@
 import json
 import pathlib
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from kdlab import cli
 from kdlab.config import apply_overrides, load
 from kdlab.data import load as load_source
+from kdlab.train import checkpoint
 from kdlab.train.evaluate import evaluate_run
 from kdlab.train.loop import train
 
-from conftest import HINTON, tree_snapshot
+from conftest import (HINTON, assert_same_arrays, checkpoint_contents, count_train_steps, kill_after_first_checkpoint,
+                      read_jsonl, tree_snapshot, watch_resume)
 
 QUICK = "source=digits,quick"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def teacher_run(tmp_path_factory):
+  """A folder with a finished run ``teacher`` (``runs`` adds ``kd``, distilled from it)."""
   root = tmp_path_factory.mktemp("runs")
   teacher = load(f"{HINTON}:teacher,{QUICK}")
   train(teacher, root / "teacher", use_wandb=False, progress=False)
-  kd = load(f"{HINTON}:kd,{QUICK}")
-  kd.teachers[0]["init"] = str(root / "teacher" / "checkpoints")
-  train(kd, root / "kd", use_wandb=False, progress=False)
   return root
+
+
+@pytest.fixture(scope="module")
+def runs(teacher_run):
+  kd = load(f"{HINTON}:kd,{QUICK}")
+  kd.teachers[0]["init"] = str(teacher_run / "teacher" / "checkpoints")
+  train(kd, teacher_run / "kd", use_wandb=False, progress=False)
+  return teacher_run
 
 
 def test_run_writes_config_metrics_checkpoints_summary(runs):
@@ -55,12 +65,84 @@ def test_evaluate_run_matches_summary_and_applies_offsets(runs):
   assert biased["test/errors"] == summary["test_examples"] - threes
 
 
-def test_finished_run_restarts_without_training(runs, capsys):
-  before = tree_snapshot(runs / "teacher")
+def test_finished_run_rerun_trains_no_step_and_changes_no_file(teacher_run, monkeypatch):
+  before = tree_snapshot(teacher_run / "teacher")
+  steps = count_train_steps(monkeypatch)
   config = load(f"{HINTON}:teacher,{QUICK}")
-  summary = train(config, runs / "teacher", use_wandb=False, progress=False)
-  assert summary["test_errors"] == json.loads((runs / "teacher" / "summary.json").read_text())["test_errors"]
-  assert set(tree_snapshot(runs / "teacher")) >= set(before)
+  summary = train(config, teacher_run / "teacher", use_wandb=False, progress=False)
+  jax.effects_barrier()
+  assert steps == []
+  assert summary == json.loads((teacher_run / "teacher" / "summary.json").read_text())
+  assert tree_snapshot(teacher_run / "teacher") == before  # Same files, bytes and mtimes.
+
+
+def test_killed_run_resumes_only_the_remaining_steps_from_its_saved_state(teacher_run, tmp_path, monkeypatch):
+  config = load(f"{HINTON}:teacher,{QUICK}")  # Dropout: the RNG state must be restored too.
+  workdir = tmp_path / "teacher"
+  first, drawn = kill_after_first_checkpoint(monkeypatch, lambda: train(config, workdir, use_wandb=False,
+                                                                         progress=False))
+  lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+  kept = [l for l in lines if json.loads(l)["step"] <= first]
+  assert kept and len(kept) < len(lines) and not (workdir / "summary.json").exists()  # Logged past it.
+  stored_state, stored_data = checkpoint_contents(workdir / "checkpoints", first)
+  seen = watch_resume(monkeypatch)
+  resumed = train(config, workdir, use_wandb=False, progress=False)
+  jax.effects_barrier()
+  full = json.loads((teacher_run / "teacher" / "summary.json").read_text())
+  assert sorted(seen["steps"]) == list(range(first, full["steps"]))
+  [(directory, step, state, data_state)] = seen["restored"]
+  assert directory == workdir / "checkpoints" and step == first and state[("step",)] == first
+  assert_same_arrays(state, stored_state)
+  assert data_state == stored_data
+  # The iterator continues where the killed run was: its next batch is the one the killed run drew next.
+  assert len(seen["batches"]) == full["steps"] - first
+  for key, value in drawn[first].items():
+    np.testing.assert_array_equal(seen["batches"][0][key], value, err_msg=key)
+  # The earlier lines are kept byte for byte; the killed run's lines after the checkpoint are replaced.
+  assert (workdir / "metrics.jsonl").read_text().startswith("".join(kept))
+  assert read_jsonl(workdir / "metrics.jsonl") == read_jsonl(teacher_run / "teacher" / "metrics.jsonl")
+  drop = ("wall_time_s", "steps_per_s")
+  assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
+
+
+def test_save_killed_mid_write_leaves_the_previous_checkpoint_and_resumes_from_it(teacher_run, tmp_path,
+                                                                                  monkeypatch):
+  """Orbax writes a step into a temporary folder and renames it when complete (kdlab.train.checkpoint)."""
+  save = ocp.StandardCheckpointHandler.async_save
+  saves = []
+
+  async def write_state_then_die(self, directory, *args, **kwargs):
+    futures = await save(self, directory, *args, **kwargs)
+    saves.append(int(pathlib.Path(directory).parent.name.split(".")[0]))
+    if len(saves) == 2:  # The second checkpoint: its state's files are written, then the process dies.
+      for future in futures or []:
+        future.result()
+      raise KeyboardInterrupt
+    return futures
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", write_state_then_die)
+  config = load(f"{HINTON}:teacher,{QUICK}")
+  workdir = tmp_path / "teacher"
+  with pytest.raises(KeyboardInterrupt):
+    train(config, workdir, use_wandb=False, progress=False)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save)
+  first, second = saves
+  ckpts = workdir / "checkpoints"
+  written = [p for p in ckpts.rglob("*") if p.is_file() and p.relative_to(ckpts).parts[0].startswith(f"{second}")]
+  assert len(written) >= 3 and not (workdir / "summary.json").exists()  # Killed part-way through the save.
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [first]
+  ckpt = checkpoint.Checkpointer(ckpts)
+  assert ckpt.latest_step() == first
+  ckpt.close()
+
+  steps = count_train_steps(monkeypatch)
+  resumed = train(config, workdir, use_wandb=False, progress=False)
+  jax.effects_barrier()
+  full = json.loads((teacher_run / "teacher" / "summary.json").read_text())
+  assert sorted(steps) == list(range(first, full["steps"]))  # Only the steps after the intact checkpoint.
+  drop = ("wall_time_s", "steps_per_s")
+  assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
+  assert read_jsonl(workdir / "metrics.jsonl") == read_jsonl(teacher_run / "teacher" / "metrics.jsonl")
 
 
 BAD_INPUTS = [
@@ -104,16 +186,6 @@ def test_teacher_with_other_class_count_is_refused(runs, capsys):
   with pytest.raises(UserError, match="teacher predicts 10 classes but the student 12"):
     train(config, runs / "other", use_wandb=False, progress=False)
   assert not (runs / "other").exists()
-
-
-def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
-  monkeypatch.setenv("WANDB_MODE", "offline")
-  monkeypatch.setenv("WANDB_SILENT", "true")
-  config = load(f"{HINTON}:student,{QUICK}")
-  config.train.num_steps = 5
-  train(config, tmp_path / "run", use_wandb=True, progress=False)
-  offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-  assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
 
 
 def test_prefetch_threads_change_speed_not_results(tmp_path):

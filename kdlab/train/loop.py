@@ -21,14 +21,14 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from kdlab.errors import UserError
 from kdlab import mesh as meshlib
+from kdlab.errors import UserError
 from kdlab.train import born_again, checkpoint, on_policy, optim, tasks
 from kdlab.train import teachers as teacherlib
 from kdlab.train.evaluate import eval_totals
-from kdlab.train.prepare import check_workdir, prepare
 from kdlab.train.logging import MetricsLog, WandbLog
-from kdlab.train.state import init_state
+from kdlab.train.prepare import check_workdir, prepare
+from kdlab.train.state import init_state, state_shardings
 from kdlab.train.step import accumulate, make_eval_step, make_train_step, reduce_metrics
 
 
@@ -100,7 +100,11 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   for workdir, config_json in zip(workdirs, config_jsons):
     check_workdir(workdir, config_json)
   mesh = setup.mesh
-  teachers, teacher_vars = teacherlib.load_teachers(setup.teacher_specs, mesh)
+  rules = config.get("sharding_rules") or ()
+  teachers, teacher_vars = teacherlib.load_teachers(setup.teacher_specs, mesh, rules)
+  finished = _finished_summaries(workdirs, setup.total_steps)
+  if finished is not None:  # Rerun of a finished run: nothing to train and nothing to rewrite.
+    return finished
 
   # Everything is valid: from here on the workdirs are written.
   if before_write is not None:
@@ -111,7 +115,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   graphdef, states = None, []
   for s, c in zip(setups, configs):
     graphdef, state = init_state(s.learner, tx, s.objective.init_state(), c.seed, ema=s.ema_decay is not None)
-    states.append(jax.device_put(state, meshlib.replicated(mesh)))
+    states.append(jax.device_put(state, state_shardings(state, mesh, s.param_shardings)))
   task = setup.task
   read = grain.ReadOptions(num_threads=config.data.get("prefetch_threads", 0))
   data_iters = [iter(task.train_dataset(s.train_source, c.data, c.seed).to_iter_dataset(read))
@@ -125,7 +129,8 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     for i, ckpt in enumerate(ckpts):
       states[i], data_state = ckpt.restore(states[i], step=common)
       data_iters[i].set_state(data_state)
-  state = _stack(states)
+  state_sharding = state_shardings(states[0], mesh, setup.param_shardings, n)
+  state = jax.device_put(_stack(states), state_sharding)
   start_step = int(states[0].step)
 
   # Eval-only teachers (and all of them, with a teacher cache) are run by the eval step alone.
@@ -139,7 +144,7 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   if n > 1:
     step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))
     eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, None))
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  # The state keeps its shardings from step to step (and is updated in place).
   train_step = jax.jit(step_fn, out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
   eval_step = jax.jit(eval_fn)
   # config.on_policy: some batches become the student's own samples (kdlab.train.on_policy).
@@ -217,6 +222,21 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     wandb_logs[i].close()
     ckpts[i].close()
     summaries.append(summary)
+  return summaries
+
+
+def _finished_summaries(workdirs: Sequence[pathlib.Path], total_steps: int) -> list[dict[str, Any]] | None:
+  """The saved summaries if every run in ``workdirs`` finished (``summary.json`` and a final checkpoint)."""
+  summaries = []
+  for workdir in workdirs:
+    if not (workdir / "summary.json").exists() or not (workdir / "checkpoints").is_dir():
+      return None
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    latest = ckpt.latest_step()
+    ckpt.close()
+    if latest != total_steps:
+      return None
+    summaries.append(json.loads((workdir / "summary.json").read_text()))
   return summaries
 
 

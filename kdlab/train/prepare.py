@@ -50,6 +50,7 @@ class Setup:
   student_taps: tuple[str, ...] = ()
   objective_teachers: tuple[int, ...] = ()
   cache: Any = None
+  param_shardings: Any = None  # the learner's params on the mesh (config.sharding_rules)
 
 
 def _requested_taps(specs: Sequence[Any]) -> set[str]:
@@ -102,6 +103,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   teachers = [nnx.eval_shape(lambda s=s, i=i: teacherlib.create_model(s["model"], f"config.teachers[{i}].model", 0))
               for i, s in enumerate(teacher_specs)]
   task.check_models(student, teachers, [f"config.teachers[{i}]" for i in range(len(teachers))], data_cfg)
+  rules = config.get("sharding_rules") or ()
+  for i, teacher in enumerate(teachers):  # Checks the rules against each teacher's parameters.
+    meshlib.param_shardings(teacher, mesh, rules, f"config.teachers[{i}].model")
   on_policy.check(config, task, student)  # config.on_policy (kdlab.train.on_policy)
 
   batch = task.abstract_batch(train_source, data_cfg.batch_size)
@@ -134,9 +138,10 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
     raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {warmup!r}")
   learner = Learner(teacherlib.create_model(student_kwargs, "config.model", config.seed), objective.connectors())
+  param_shardings = meshlib.param_shardings(learner, mesh, rules, "config.model")
   return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
                steps_per_epoch, total_steps, ema_decay, shapes, task, int(s_out.logits.shape[-1]), student_taps,
-               objective_teachers, cache)
+               objective_teachers, cache, param_shardings)
 
 
 def _check_decay(value: Any, schedule: Any) -> None:

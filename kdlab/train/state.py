@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kdlab import mesh as meshlib
+
 
 class Learner(nnx.Module):
   """Everything that is trained: the student and the objective's connectors."""
@@ -70,3 +72,18 @@ def data_to_keys(tree: Any, like: Any) -> Any:
 
 def _is_key(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, param_shardings: Any, seeds: int = 1) -> TrainState:
+  """Where each array of ``state`` lives: the params, their optimizer state and the EMA copy as
+  ``param_shardings`` says (``config.sharding_rules``), the rest replicated; with ``seeds > 1`` for
+  the stacked state (a leading, unsplit seed axis)."""
+  rep = meshlib.replicated(mesh)
+  shardings = TrainState(
+      step=rep, params=param_shardings, rest=jax.tree.map(lambda _: rep, state.rest),
+      opt_state=meshlib.follow_params(state.opt_state, state.params, param_shardings, rep),
+      term_states=jax.tree.map(lambda _: rep, state.term_states), key=rep,
+      ema=param_shardings if state.ema else jax.tree.map(lambda _: rep, state.ema))
+  if seeds == 1:
+    return shardings
+  return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.P(None, *s.spec)), shardings)

@@ -92,14 +92,17 @@ def load_model(kwargs: dict[str, Any], checkpoints: str | pathlib.Path, field: s
   return nnx.merge(graphdef, params, rest)
 
 
-def load_teachers(specs: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh) -> tuple[list[Teacher], list[Any]]:
-  """Frozen teachers (resolved by :func:`teacher_spec`) and their variables ``(params, rest)`` on the mesh."""
+def load_teachers(specs: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]] = ()
+                  ) -> tuple[list[Teacher], list[Any]]:
+  """Frozen teachers (resolved by :func:`teacher_spec`) and their variables ``(params, rest)`` on the mesh:
+  params placed by ``rules`` (``config.sharding_rules``), the rest replicated."""
   teachers, variables = [], []
   for i, spec in enumerate(specs):
     field = f"config.teachers[{i}]"
-    graphdef, params, rest = load_variables(create_model(spec["model"], f"{field}.model", 0), spec["init"],
-                                            f"{field}.init")
-    variables.append(jax.device_put((params, rest), meshlib.replicated(mesh)))
+    model = create_model(spec["model"], f"{field}.model", 0)
+    graphdef, params, rest = load_variables(model, spec["init"], f"{field}.init")
+    shardings = meshlib.param_shardings(model, mesh, rules, f"{field}.model")
+    variables.append((jax.device_put(params, shardings), jax.device_put(rest, meshlib.replicated(mesh))))
     teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ()))))
   return teachers, variables
 

@@ -1,0 +1,17 @@
+"""Jitter off: the ``jitter`` augmentation returns the image unmoved (the identity)."""
+
+from tests.feature_off._switch import plugin
+
+GUARDS = (
+    "tests/test_data.py::test_jitter_translates_by_a_random_offset_of_at_most_max_shift",
+    "tests/test_data.py::test_jitter_augmentation_moves_training_images_of_the_pipeline",
+)
+
+
+def disable() -> None:
+  from kdlab.data import augment
+  augment.jitter = lambda image, rng, *, max_shift=2: image
+  augment.AUGMENTATIONS["jitter"] = augment.jitter
+
+
+pytest_configure = plugin(__name__, disable)
