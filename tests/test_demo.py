@@ -53,8 +53,9 @@ def _summary(run_dir: pathlib.Path) -> dict:
 
 
 def _mean_std(values) -> str:
+  """As the results tables write it: one value alone (no spread), else mean +/- sample std."""
   values = np.asarray(values, float)
-  return f"{values.mean():.1f} +/- {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+  return f"{values[0]:.1f}" if len(values) == 1 else f"{values.mean():.1f} +/- {values.std(ddof=1):.1f}"
 
 
 def _rows(text: str) -> dict[str, list[str]]:

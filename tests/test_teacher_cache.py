@@ -360,7 +360,7 @@ def test_kdlab_train_refuses_a_cache_built_for_another_teacher_data_or_k(tmp_pat
   from kdlab.config import load
   from conftest import ROOT, tree_snapshot
   lm, cache = str(ROOT / "configs" / "lm_pysrc.py"), tmp_path / "cache"
-  teacher_cache.cache_teacher(load(f"{lm}:kd-cached,quick,k=8,teacher={teachers['a']},cache={cache}"), cache)
+  cache_teacher(load(f"{lm}:kd-cached,quick,k=8,teacher={teachers['a']},cache={cache}"), cache)
   built = tree_snapshot(cache)
   for options, overrides, part in [(f"k=8,teacher={teachers['b']}", [], "teacher"),
                                    (f"k=4,teacher={teachers['a']}", [], "k"),

@@ -19,7 +19,8 @@ from flax import nnx
 
 from kdlab import files
 from kdlab import mesh as meshlib
-from kdlab.data import generated, text
+from kdlab.data import generated as gendata
+from kdlab.data import text
 from kdlab.data.teacher_cache import canonical, digest, params_digest, text_digest
 from kdlab.errors import UserError
 from kdlab.sampling import generate
@@ -33,20 +34,20 @@ def settings(config: Any, *, max_len: int | None) -> dict[str, Any]:
   """Validated ``config.generate_data`` (with ``prompt_len`` and ``source`` resolved)."""
   spec = config.get("generate_data")
   if not spec:
-    raise UserError(f"{generated.FIELD}: missing; set e.g. dict(max_new_tokens=64, temperature=1.0) (the teacher's "
+    raise UserError(f"{gendata.FIELD}: missing; set e.g. dict(max_new_tokens=64, temperature=1.0) (the teacher's "
                     f"sampling settings)")
   spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
   seq_len = config.data.get("seq_len")
   if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
     raise UserError(f"config.data.seq_len={seq_len!r}: must be an int >= 2 (tokens per sequence)")
-  n, temperature, prompt_len, top_k, top_p = on_policy.generation_fields(spec, field=generated.FIELD, allowed=KEYS, max_len=max_len,
+  n, temperature, prompt_len, top_k, top_p = on_policy.generation_fields(spec, field=gendata.FIELD, allowed=KEYS, max_len=max_len,
                                                                seq_len=seq_len, context="the teacher's")
   seed = spec.get("seed", 0)
   if isinstance(seed, bool) or not isinstance(seed, int):
-    raise UserError(f"{generated.FIELD}.seed={seed!r}: must be an int")
+    raise UserError(f"{gendata.FIELD}.seed={seed!r}: must be an int")
   source = spec.get("source") or config.data.source
   if not text.is_text_source(source):
-    raise UserError(f"{generated.FIELD}.source={source!r}: the prompts come from a text source; choose one of "
+    raise UserError(f"{gendata.FIELD}.source={source!r}: the prompts come from a text source; choose one of "
                     f"{', '.join(text.TEXT_SOURCES)}")
   return dict(source=source, seq_len=seq_len, prompt_len=prompt_len, max_new_tokens=n, temperature=temperature,
               top_k=top_k, top_p=top_p, seed=seed)
@@ -54,7 +55,7 @@ def settings(config: Any, *, max_len: int | None) -> dict[str, Any]:
 
 def _check_out(out: pathlib.Path, fingerprint: str) -> dict[str, Any] | None:
   """The finished dataset's meta if ``out`` holds this one; raises if it holds anything else."""
-  meta = generated.read_meta(out)
+  meta = gendata.read_meta(out)
   if meta is not None:
     if meta.get("fingerprint") == fingerprint:
       return meta
@@ -63,7 +64,7 @@ def _check_out(out: pathlib.Path, fingerprint: str) -> dict[str, Any] | None:
   if out.exists():
     if not out.is_dir():
       raise UserError(f"--out={out}: is a file; give a directory for the generated dataset")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in generated.OWN_FILES and not files.is_partial_write(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in gendata.OWN_FILES and not files.is_partial_write(p.name))
     if foreign:
       raise UserError(f"--out={out}: is not empty and holds no generated dataset ({foreign[0]!r}, ...); "
                       f"choose a new or empty directory")
@@ -146,11 +147,11 @@ def generate_data(config: Any, out_dir: str | os.PathLike, *, progress: bool = F
   mask = np.pad(generated, pad)[:, 1:].astype(np.float32)
   tmp = out / "data.tmp"
   tmp.mkdir()
-  for name, array in zip(generated.ARRAYS, (full[:, :-1], full[:, 1:], mask)):
+  for name, array in zip(gendata.ARRAYS, (full[:, :-1], full[:, 1:], mask)):
     np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
   os.replace(tmp, out / "data")
   meta = {
-      "format": generated.FORMAT, "version": generated.VERSION, "fingerprint": fingerprint, **gen,
+      "format": gendata.FORMAT, "version": gendata.VERSION, "fingerprint": fingerprint, **gen,
       "num_sequences": count, "generated_tokens": int(mask.sum()),
       "tokenizer_vocab_size": base.vocab_size,
       "created": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
