@@ -152,15 +152,16 @@ def assert_same_arrays(actual: dict, expected: dict) -> None:
     np.testing.assert_array_equal(actual[path], array, err_msg=str(path))
 
 
-def random_gpt_run(root: pathlib.Path, *, sharpen: float = 50.0, seed: int = 3) -> pathlib.Path:
+def random_gpt_run(root: pathlib.Path, *, sharpen: float = 50.0, seed: int = 3, **model) -> pathlib.Path:
   """A finished-run folder (``config.json``, ``checkpoints/``) of a randomly initialized 1-layer gpt
-  (vocab 256, ``max_len`` 32, as ``lm_pysrc.py`` quick), its logits scaled up by ``sharpen`` so that
-  they are peaked (a teacher worth distilling; no training needed). Returns the checkpoints folder."""
+  (vocab 256, ``max_len`` 32, as ``lm_pysrc.py`` quick; ``model`` overrides these), its logits scaled up
+  by ``sharpen`` so that they are peaked (a teacher worth distilling; no training needed). Returns the
+  checkpoints folder."""
   import optax
   from kdlab import models
   from kdlab.train.checkpoint import Checkpointer
   from kdlab.train.state import Learner, init_state
-  spec = dict(name="gpt", vocab_size=256, d_model=32, num_layers=1, num_heads=2, max_len=32)
+  spec = {**dict(name="gpt", vocab_size=256, d_model=32, num_layers=1, num_heads=2, max_len=32), **model}
   model = models.create(**spec, seed=seed)
   model.embed.embedding[...] = model.embed.embedding[...] * sharpen
   _, state = init_state(Learner(model, {}), optax.sgd(0.1), {}, seed)

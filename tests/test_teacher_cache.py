@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -24,8 +22,8 @@ from kdlab.errors import UserError
 from kdlab.losses import sequence
 from kdlab.models import registry
 from kdlab.objective import ModelOutput, Shapes, StepInputs, build
-from kdlab.train.checkpoint import Checkpointer
-from kdlab.train.state import Learner, init_state
+
+from conftest import random_gpt_run
 
 V, L = 256, 16
 TEACHER = dict(name="gpt", vocab_size=V, d_model=32, num_layers=1, num_heads=2, max_len=32)
@@ -233,16 +231,7 @@ def _save_teacher(root: pathlib.Path, seed: int, *, sharpen: float = 1.0, **over
 
   ``sharpen`` scales the (tied) embedding, hence the logits: at init they are nearly uniform.
   """
-  cfg = {**TEACHER, **overrides}
-  kwargs = dict(cfg)
-  model = registry.create(kwargs.pop("name"), seed=seed, **kwargs)
-  model.embed.embedding[...] = model.embed.embedding[...] * sharpen
-  _, state = init_state(Learner(model, {}), optax.sgd(0.1), {}, seed)
-  ckpt = Checkpointer(root / "checkpoints")
-  ckpt.save(1, state, {})
-  ckpt.close()
-  (root / "config.json").write_text(json.dumps({"model": cfg}))
-  return str(root / "checkpoints")
+  return str(random_gpt_run(root, sharpen=sharpen, seed=seed, **{**TEACHER, **overrides}))
 
 
 @pytest.fixture(scope="module")
