@@ -1,4 +1,4 @@
-"""``kdlab train | sweep | report | cache-teacher | sample | generate-data`` (also ``python -m kdlab``).
+"""``kdlab train | sweep | report | cache-teacher | sample | generate-data | plan | export`` (also ``python -m kdlab``).
 
   kdlab train --config=configs/hinton_mnist.py:kd --workdir=runs/kd [--config.FIELD=VALUE ...] [--no-wandb]
   kdlab sweep --config=FILE[:VARIANT] --sweep=experiments/NAME.py --workdir=DIR [--parallel N] [--no-wandb]
@@ -10,6 +10,10 @@
       [--seed S]                      (continue TEXT with a finished LM run's student; docs/generation.md)
   kdlab generate-data --config=FILE[:VARIANT] --out=DIR [--config.FIELD=VALUE ...]
       (config.teachers[0]'s continuations of the training prompts, for sequence-level KD; docs/generation.md)
+  kdlab plan --config=FILE[:VARIANT] [--devices N] [--device-memory 80GiB] [--json] [--config.FIELD=VALUE ...]
+      (per-device memory of the run, nothing allocated; docs/sharding.md)
+  kdlab export --workdir=RUN --out=DIR [--step N]
+      (the run's student as a Hugging Face directory: config.json, safetensors, tokenizer; docs/pretrained.md)
 
 Bad input prints one line ``kdlab: error: ...`` naming the field and the fix,
 exits with status 2, and writes nothing.
@@ -83,6 +87,39 @@ def _sample(args: argparse.Namespace, rest: Sequence[str]) -> None:
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
 
 
+def _plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  import json
+  import os
+  import subprocess
+  if args.devices is not None and args.devices < 1:
+    raise UserError(f"--devices={args.devices}: use a whole number >= 1")
+  if args.device_memory is not None:
+    from kdlab.offline.plan import parse_bytes  # (loads JAX; fine, planning needs it)
+    parse_bytes(args.device_memory)
+  if args.devices is not None and os.environ.get("KDLAB_PLAN_DEVICES") != str(args.devices):
+    # JAX fixes its device count at import: plan in a child with N simulated CPU devices.
+    env = dict(os.environ, KDLAB_PLAN_DEVICES=str(args.devices), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}")
+    return subprocess.run([sys.executable, "-m", "kdlab", *sys.argv[1:]] if args.argv is None
+                          else [sys.executable, "-m", "kdlab", *args.argv], env=env).returncode
+  from kdlab import config as kconfig
+  from kdlab.offline import plan
+  config = kconfig.apply_overrides(kconfig.load(args.config), overrides)
+  memory = None if args.device_memory is None else plan.parse_bytes(args.device_memory)
+  result = plan.plan(config, device_memory=memory)
+  print(json.dumps(result, indent=2) if args.json else plan.format_plan(result))
+  return 0 if result["fits"] in (None, True) else 1
+
+
+def _export(args: argparse.Namespace, rest: Sequence[str]) -> None:
+  from kdlab.offline import export
+  if rest:
+    raise UserError(f"unexpected argument {rest[0]!r}; see kdlab export --help")
+  if args.step is not None and args.step < 0:
+    raise UserError(f"--step={args.step}: use a checkpoint's step (>= 0)")
+  print(export.describe(export.export(args.workdir, args.out, step=args.step)))
+
+
 def _generate_data(args: argparse.Namespace, overrides: Sequence[str]) -> None:
   from kdlab import config as kconfig
   from kdlab.offline import generate_data
@@ -133,7 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   gen_data.add_argument("--config", required=True, help="configs/FILE.py[:VARIANT] (teachers, data, generate_data)")
   gen_data.add_argument("--out", required=True, help="dataset directory (new, or the same dataset to keep)")
   gen_data.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  plan = commands.add_parser("plan", help="per-device memory of a run, from abstract shapes and the compiled "
+                                         "step (nothing allocated; no checkpoint needed)")
+  plan.add_argument("--config", required=True, help="configs/FILE.py[:VARIANT]; teachers may give model=dict(...) "
+                                                   "without a checkpoint")
+  plan.add_argument("--devices", type=int, default=None, metavar="N",
+                    help="plan for N devices (simulated CPU devices when not this machine's count)")
+  plan.add_argument("--device-memory", "--device_memory", dest="device_memory", default=None, metavar="BYTES",
+                    help="memory of one device, e.g. 80GiB: say whether the run fits (exit 1 if not)")
+  plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+  exp = commands.add_parser("export", help="write a finished run's student as a Hugging Face directory "
+                                           "(config.json, safetensors, tokenizer files)")
+  exp.add_argument("--workdir", required=True, help="a run whose student is llama, qwen2, qwen3 or gemma3")
+  exp.add_argument("--out", required=True, help="the new folder to write (must not exist or be empty)")
+  exp.add_argument("--step", type=int, default=None, metavar="N", help="the checkpoint to export (default: the latest)")
   args, rest = parser.parse_known_args(argv)
+  args.argv = None if argv is None else list(argv)
   try:
     if args.command == "train":
       _train(args, rest)
@@ -147,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       _sample(args, rest)
     elif args.command == "generate-data":
       _generate_data(args, rest)
+    elif args.command == "export":
+      _export(args, rest)
+    elif args.command == "plan":
+      return _plan(args, rest)
   except UserError as e:
     print(f"kdlab: error: {e}", file=sys.stderr)
     return 2

@@ -36,7 +36,63 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise
   except (ValueError, KeyError) as e:
     raise UserError(f"--config={spec}: {e}") from None
-  return ml_collections.ConfigDict(config) if isinstance(config, dict) else config
+  config = ml_collections.ConfigDict(config) if isinstance(config, dict) else config
+  return with_optional_fields(config)
+
+
+# Fields every loaded run config has, so that ``--config.FIELD=VALUE`` can set them where the file
+# leaves them out. ``ADDED_SECTIONS`` are added whole when missing; the ``FILLED_SECTIONS`` only get
+# their missing fields (a file without such a section is left without it).
+OPTIONAL_FIELDS: dict[str, Any] = {
+    "dtype": None,         # compute dtype of the student (e.g. "bfloat16"); None: the model's float32
+    "param_dtype": None,   # dtype of the stored (master) parameters; None: float32
+    "init_from_teacher": None,  # dict(layers=[0, 2, ...], teacher=0): the student starts as those teacher layers
+}
+ADDED_SECTIONS: dict[str, dict[str, Any]] = {
+    "checkpoint": {"keep": 2, "best_metric": None, "best_mode": None},
+}
+# Each config.teachers[i] dict: its own sharding rules (None: the student's) and stored dtype.
+TEACHER_FIELDS: dict[str, Any] = {"sharding_rules": None, "dtype": None}
+# config.model, by model name: memory and compile-time options of the decoders.
+MODEL_FIELDS: dict[str, dict[str, Any]] = {
+    "gpt": {"remat": "none", "scan_layers": False},
+    **{name: {"remat": "none"} for name in ("hf", "llama", "qwen2", "qwen3", "gemma3")},
+}
+FILLED_SECTIONS: dict[str, dict[str, Any]] = {
+    "train": {"microbatches": 1},
+    "optimizer": {"clip_grad_norm": None, "kwargs": {}},
+}
+
+
+def with_optional_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A run config (one with a ``model``) with the optional fields it lacks, at their defaults."""
+  if "model" not in config:
+    return config
+  with config.ignore_type():
+    for key, value in OPTIONAL_FIELDS.items():
+      if key not in config:
+        setattr(config, key, value)
+    for key, fields in ADDED_SECTIONS.items():
+      if key not in config:
+        setattr(config, key, ml_collections.ConfigDict(fields))
+  for entry in config.get("teachers") or ():
+    if isinstance(entry, dict):
+      for key, value in TEACHER_FIELDS.items():
+        entry.setdefault(key, value)
+  model = config.get("model")
+  if isinstance(model, ml_collections.ConfigDict):
+    with model.ignore_type():
+      for key, value in MODEL_FIELDS.get(model.get("name"), {}).items():
+        if key not in model:
+          setattr(model, key, value)
+  for key, fields in FILLED_SECTIONS.items():
+    section = config.get(key)
+    if isinstance(section, ml_collections.ConfigDict):
+      with section.ignore_type():
+        for name, value in fields.items():
+          if name not in section:
+            setattr(section, name, ml_collections.ConfigDict(value) if isinstance(value, dict) else value)
+  return config
 
 
 def load_python_file(file: pathlib.Path, prefix: str) -> Any:

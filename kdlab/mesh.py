@@ -2,10 +2,12 @@
 
 ``config.mesh = [("data", -1)]`` (optionally ``("fsdp", n)``, ``("model", n)``);
 ``-1`` takes the devices left over. Batches are sharded over the data-parallel
-axes (``data`` and ``fsdp``); parameters by their logical axis names through
-``config.sharding_rules`` (``[("vocab", "model"), ("mlp", "model"), ...]``): the
-student's params, their optimizer state and the EMA copy, and each teacher's params
-(names without a rule, and models without names, are replicated). A rule naming an
+axes (``data`` and ``fsdp``); parameters by their logical axis names: ``DEFAULT_RULES``
+(``embed``/``channels``/``hidden`` over ``fsdp``; ``vocab``/``heads``/``kv_heads``/``mlp``
+over ``model``, for the axes the mesh has) overridden name by name by
+``config.sharding_rules`` (``[("vocab", None), ("mlp", "fsdp"), ...]``). The student's params,
+their optimizer state and the EMA copy are placed so, and each teacher's params by its own
+rules (names without a rule, and models without names, are replicated). A rule naming an
 axis the mesh lacks, or a dimension its axis does not divide, is a ``UserError``.
 """
 
@@ -63,50 +65,89 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "config.data.batc
                     f"(mesh {dict(mesh.shape)}); use a multiple of {n}")
 
 
-def rule_map(rules: Sequence[Sequence[Any]], mesh: Mesh) -> dict[str, str | None]:
-  """``config.sharding_rules`` as ``{logical name: mesh axis or None}``; every axis must be the mesh's."""
+# Logical names kdlab's models use, and the mesh axis each goes to by default when the mesh has it:
+# FSDP splits the model dimension (and the zoo's channels, the MLP's hidden units); tensor parallelism
+# splits vocabulary, heads and MLP width (the Megatron layout). ``config.sharding_rules`` overrides
+# these name by name (``("embed", None)`` turns one off).
+DEFAULT_RULES: tuple[tuple[str, str], ...] = (
+    ("embed", "fsdp"), ("channels", "fsdp"), ("hidden", "fsdp"),
+    ("vocab", "model"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
+)
+
+
+def rule_map(rules: Sequence[Sequence[Any]], mesh: Mesh, field: str = "config.sharding_rules"
+             ) -> dict[str, str | None]:
+  """``rules`` (``config.sharding_rules``) as ``{logical name: mesh axis or None}``; every axis must be the mesh's."""
   out: dict[str, str | None] = {}
   for rule in rules:
     if not isinstance(rule, (list, tuple)) or len(rule) != 2:
-      raise UserError(f"config.sharding_rules: {rule!r} is not a (logical name, mesh axis) pair; "
+      raise UserError(f"{field}: {rule!r} is not a (logical name, mesh axis) pair; "
                       f"e.g. [('vocab', 'model'), ('mlp', 'model')]")
     name, axis = rule
     if axis is not None and axis not in mesh.shape:
-      raise UserError(f"config.sharding_rules: {tuple(rule)!r} names mesh axis {axis!r}, which config.mesh "
+      raise UserError(f"{field}: {tuple(rule)!r} names mesh axis {axis!r}, which config.mesh "
                       f"{dict(mesh.shape)} lacks; add it to config.mesh or map {name!r} to one of "
                       f"{', '.join(mesh.axis_names)} (or None)")
     out[str(name)] = axis
   return out
 
 
-def param_shardings(module: nnx.Module, mesh: Mesh, rules: Sequence[Sequence[Any]], field: str) -> Any:
+def param_shardings(module: nnx.Module, mesh: Mesh, rules: Sequence[Sequence[Any]], field: str,
+                    rules_field: str = "config.sharding_rules") -> Any:
   """NamedShardings of ``module``'s ``nnx.Param`` values, as ``nnx.to_pure_dict`` lays them out.
 
-  Each dimension's logical axis name (``nnx.with_partitioning``) goes to the mesh axis ``rules``
-  maps it to; names without a rule, and parameters without names (MLPs, zoo models), are
-  replicated. ``field`` (``config.model``) names the model in errors.
+  ``module`` may be abstract (``nnx.eval_shape``). Each dimension's logical axis name
+  (``nnx.with_partitioning``) goes to the mesh axis ``rules`` maps it to, else to its
+  :data:`DEFAULT_RULES` axis when the mesh has that axis; names without either, and parameters
+  without names, are replicated. A rule of ``rules`` that cannot apply (an axis used twice in one
+  parameter, a dimension the axis does not divide) is a ``UserError`` naming the parameter; a
+  default that cannot apply leaves that dimension whole. ``field`` (``config.model``) names the
+  model in errors, ``rules_field`` the rules.
   """
-  axes_of = rule_map(rules, mesh)
+  explicit = rule_map(rules, mesh, rules_field)
+  defaults = {name: axis for name, axis in DEFAULT_RULES if axis in mesh.shape}
   params = nnx.state(module, nnx.Param)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
+  with nnx.logical_axis_rules(()):  # The raw logical names: the rules are applied here.
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
 
   def one(path: Any, spec: Any, value: Any) -> NamedSharding:
     names = tuple(spec) if isinstance(spec, P) else ()
     where = "/".join(str(getattr(k, "key", k)) for k in path)
     axes: list[str | None] = []
     for dim, name in enumerate(names):
-      axis = axes_of.get(name) if isinstance(name, str) else None
-      if axis is not None and axis in axes:
-        raise UserError(f"config.sharding_rules: {field} parameter {where} maps two dimensions to mesh axis "
-                        f"{axis!r}; map its names {names} to different axes")
-      if axis is not None and value.shape[dim] % mesh.shape[axis]:
-        raise UserError(f"config.sharding_rules: {field} parameter {where} {list(value.shape)}: its {name!r} "
-                        f"dimension {value.shape[dim]} is not divisible by mesh axis {axis!r} of size "
-                        f"{mesh.shape[axis]}; change config.mesh or the rule for {name!r}")
+      if not isinstance(name, str):
+        axes.append(None)
+        continue
+      if name in explicit:
+        axis = explicit[name]
+        if axis is not None and axis in axes:
+          raise UserError(f"{rules_field}: {field} parameter {where} maps two dimensions to mesh axis "
+                          f"{axis!r}; map its names {names} to different axes")
+        if axis is not None and value.shape[dim] % mesh.shape[axis]:
+          raise UserError(f"{rules_field}: {field} parameter {where} {list(value.shape)}: its {name!r} "
+                          f"dimension {value.shape[dim]} is not divisible by mesh axis {axis!r} of size "
+                          f"{mesh.shape[axis]}; change config.mesh or the rule for {name!r}")
+      else:
+        axis = defaults.get(name)
+        if axis is not None and (axis in axes or value.shape[dim] % mesh.shape[axis]):
+          axis = None
       axes.append(axis)
     return NamedSharding(mesh, P(*axes))
 
   return jax.tree.map_with_path(one, specs, nnx.to_pure_dict(params), is_leaf=lambda x: isinstance(x, P))
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes one device holds of ``tree``'s arrays (or ``ShapeDtypeStruct`` with shardings): the
+  largest shard per leaf, summed (leaves without a sharding count whole)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = tuple(leaf.shape)
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None:
+      shape = sharding.shard_shape(shape)
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
 
 
 def follow_params(tree: Any, params: Any, shardings: Any, default: NamedSharding) -> Any:

@@ -29,7 +29,7 @@ def test_every_setting_trains_its_methods_config(extra):
   for setting, name in zip(sweep.settings, names):
     run = ksweep.run_config(base, sweep, ksweep.Run(setting, sweep.seeds[0]))
     method, _, edit = experiment.DIAGNOSTICS[name] if extra else (name, None, None)
-    expected = configs.get_config(f"{method},{TEACHER}")
+    expected = kconfig.with_optional_fields(configs.get_config(f"{method},{TEACHER}"))
     if edit is not None:
       edit(expected)
     # The whole config, not only the swept FIELDS: an edit outside them would be silently lost.

@@ -33,7 +33,7 @@ def test_ema_teacher_equals_hand_rolled_ema():
   config.ema_teacher.decay = 0.8
   setup = prepare(config)
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
-  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed, ema=True)
+  graphdef, state = init_state(setup.make_learner(), tx, setup.objective.init_state(), config.seed, ema=True)
   step = jax.jit(make_train_step(graphdef, setup.objective, tx, [], setup.ema_decay))
   batches = kdata.train_dataset(setup.train_source, batch_size=config.data.batch_size, seed=0)
   expected = jax.tree.map(np.asarray, state.params)

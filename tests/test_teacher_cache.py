@@ -23,7 +23,7 @@ from kdlab.losses import sequence
 from kdlab.models import registry
 from kdlab.objective import ModelOutput, Shapes, StepInputs, build
 
-from conftest import random_gpt_run
+from conftest import ROOT, random_gpt_run
 
 V, L = 256, 16
 TEACHER = dict(name="gpt", vocab_size=V, d_model=32, num_layers=1, num_heads=2, max_len=32)
@@ -267,7 +267,9 @@ def test_fingerprint_names_teacher_tokenizer_data_and_k(teachers):
 
   assert differs(_config(teachers["b"])) == ["teacher"]  # same architecture, other weights
   assert differs(_config(teachers["v300"])) == ["teacher", "tokenizer"]
-  assert differs(_config(teachers["a"], tokenizer="bpe")) == ["tokenizer"]
+  # Another tokenizer also tokenizes the text differently.
+  chatml = ROOT / "tests" / "fixtures" / "hf_tokenizer" / "chatml"
+  assert differs(_config(teachers["a"], tokenizer=f"hf:{chatml}")) == ["tokenizer", "data"]
   assert differs(_config(teachers["a"], seq_len=12)) == ["data"]
   assert differs(_config(teachers["a"], max_bytes=1400)) == ["data"]
   other_k = _config(teachers["a"])

@@ -17,6 +17,10 @@ window is padded with ``EOD`` and its padding targets get ``mask = 0``; every re
 The result (``PackedText``) is a random-access sequence of dicts ``{"tokens": int32 [L],
 "targets": int32 [L], "mask": float32 [L]}``, usable as ``grain.MapDataset.source(...)``;
 ``.tokens`` / ``.targets`` / ``.mask`` hold the ``[N, L]`` arrays.
+
+Tokenizers (``config.data.tokenizer``): ``"byte"`` (default, ``ByteTokenizer``) or ``"hf:DIR"``, a
+Hugging Face tokenizer folder (``kdlab.data.hf_tokenizer``): each file is decoded as UTF-8,
+encoded without added special tokens, and documents end with the tokenizer's ``eos_token``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import functools
 import hashlib
 import os
 import sysconfig
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from kdlab.data.hf_tokenizer import HFTokenizer
 
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                         "__pycache__"})
@@ -108,9 +115,21 @@ def pysrc_files(root: str | None = None) -> list[str]:
   return sorted(found)
 
 
+@functools.lru_cache(maxsize=4)
+def tokenizer_for(spec: str) -> ByteTokenizer | HFTokenizer:
+  """``config.data.tokenizer``: ``"byte"`` -> ``ByteTokenizer``; ``"hf:DIR"`` -> ``hf_tokenizer.HFTokenizer``."""
+  if spec == "byte":
+    return ByteTokenizer()
+  if isinstance(spec, str) and spec.startswith("hf:"):
+    from kdlab.data import hf_tokenizer  # needs the tokenizers package
+    return hf_tokenizer.load(spec)
+  raise ValueError(f"tokenizer: unknown tokenizer {spec!r}; use 'byte' or 'hf:DIR' (a Hugging Face tokenizer "
+                   f"folder)")
+
+
 def pysrc(split: str = "train", *, seq_len: int = 256, max_bytes: int | None = 1 << 20,
-          validation_fraction: float = 0.05, root: str | None = None) -> PackedText:
-  """The stdlib's ``.py`` files as packed byte-token sequences.
+          validation_fraction: float = 0.05, root: str | None = None, tokenizer: str = "byte") -> PackedText:
+  """The stdlib's ``.py`` files as packed token sequences.
 
   Args:
     split: ``"train"`` or ``"validation"``.
@@ -119,6 +138,7 @@ def pysrc(split: str = "train", *, seq_len: int = 256, max_bytes: int | None = 1
       None for the whole split (about 30 MB on CPython 3.12).
     validation_fraction: share of files (by path hash) in the validation split.
     root: the stdlib directory; default ``sysconfig.get_paths()["stdlib"]``.
+    tokenizer: ``"byte"`` or ``"hf:DIR"`` (module doc); ``max_bytes`` counts bytes either way.
 
   Returns:
     ``PackedText`` with ``[N, seq_len]`` arrays; deterministic for a given interpreter.
@@ -138,13 +158,19 @@ def pysrc(split: str = "train", *, seq_len: int = 256, max_bytes: int | None = 1
     data = data.replace(b"\0", b"")  # keep EOD unambiguous
     if max_bytes is not None:
       data = data[: max_bytes - total]
-    docs.append(np.frombuffer(data, np.uint8).astype(np.int32))
+    docs.append(data)
     total += len(data)
     if max_bytes is not None and total >= max_bytes:
       break
   if not docs:
     raise ValueError(f"pysrc: no .py files for split {split!r} under {root}")
-  return pack(docs, seq_len)
+  tok = tokenizer_for(tokenizer)
+  if isinstance(tok, ByteTokenizer):
+    return pack([np.frombuffer(d, np.uint8).astype(np.int32) for d in docs], seq_len)
+  if tok.eos_id is None:
+    raise ValueError(f"tokenizer={tokenizer!r}: has no eos_token to end documents with; use a tokenizer with one")
+  texts = [d.decode("utf-8", errors="replace") for d in docs]  # a file cut at max_bytes may end mid-character
+  return pack(tok.encode_batch(texts, add_special_tokens=False), seq_len, eod=tok.eos_id)
 
 
 # --- sources for the training loop ---------------------------------------------------------------
@@ -165,7 +191,7 @@ class TextSource:
     name: source name as given in the config (``pysrc``).
     split: ``"train"`` or ``"validation"``.
     seq_len: tokens per sequence ``L``.
-    vocab_size: the tokenizer's vocabulary size (256 for bytes).
+    vocab_size: the tokenizer's vocabulary size (256 for bytes; largest id + 1 for ``hf:DIR``).
     records: the ``PackedText`` (``[N, L]`` tokens, targets, mask).
   """
   name: str
@@ -179,12 +205,13 @@ class TextSource:
 
 
 @functools.lru_cache(maxsize=8)
-def load_text(name: str, split: str, *, seq_len: int, max_bytes: int | None) -> TextSource:
-  """Split ``split`` (``"train"`` or ``"validation"``) of text source ``name``, packed.
+def load_text(name: str, split: str, *, seq_len: int, max_bytes: int | None, tokenizer: str = "byte") -> TextSource:
+  """Split ``split`` (``"train"`` or ``"validation"``) of text source ``name``, packed, tokenized by
+  ``tokenizer`` (``config.data.tokenizer``: ``"byte"`` or ``"hf:DIR"``).
 
   Cached per process: the vmapped seeds of one run and a sweep's checks share one copy.
   """
   if name != "pysrc":
     raise ValueError(f"data.source: unknown text source {name!r}; choose one of {', '.join(TEXT_SOURCES)}")
-  packed = pysrc(split, seq_len=seq_len, max_bytes=max_bytes)
-  return TextSource(name, split, seq_len, ByteTokenizer.vocab_size, packed)
+  packed = pysrc(split, seq_len=seq_len, max_bytes=max_bytes, tokenizer=tokenizer)
+  return TextSource(name, split, seq_len, tokenizer_for(tokenizer).vocab_size, packed)

@@ -10,6 +10,10 @@ base model's taps plus, for exit ``i`` (1-based, shallow to deep), ``exit{i}_log
 ``[N, num_classes]`` and ``exit{i}_feat`` ``[N, D]`` (``D`` = the base's ``pool`` width, so the
 feature loss to ``pool`` needs no connector). The evaluation reports each exit's accuracy and the
 ensemble of all exits (``test/accuracy_exit{i}``, ``test/accuracy_exits_ensemble``).
+
+The exits' parameters carry the zoo's logical axis names (kdlab.models.layers): conv kernels
+``(None, None, "conv_in", "channels")``, batch-norm scale/bias ``("channels",)``, the exit
+classifier kernel ``("channels", None)`` and bias ``(None,)``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class Exit(nnx.Module):
     widths = [c] + [cd] * max(downsample, 1)
     self.convs = nnx.List([layers.ConvBN(a, b, 3, stride=2 if i < downsample else 1, rngs=rngs)
                            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))])
-    self.head = layers.linear(cd, num_classes, rngs=rngs)
+    self.head = layers.linear(cd, num_classes, axes=layers.HEAD_AXES, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
     for conv in self.convs:

@@ -4,10 +4,25 @@ The zoo reproduces PyTorch reference architectures (RepDistiller, the CRD
 benchmark), so the initializers and the batch-norm constants here are the
 PyTorch ones: matching them keeps published training recipes (learning rate,
 weight decay, epochs) transferable.
+
+Logical axis names (``nnx.get_partition_spec``; ``kdlab.mesh`` maps them to mesh axes):
+
+  conv kernel ``[kh, kw, in / groups, out]``  ``(None, None, "conv_in", "channels")``
+  conv bias ``[out]``                          ``("channels",)``
+  batch-norm scale, bias ``[C]``               ``("channels",)`` (with ``axis=CHANNELS``)
+  classifier kernel ``[C, classes]``           ``("channels", None)`` (with ``axes=HEAD_AXES``)
+  classifier bias ``[classes]``                ``(None,)``
+
+Batch-norm running statistics are not parameters and carry no names (replicated). Built
+under a mesh (``jax.set_mesh``) the named parameters are created sharded, which needs a rule
+in ``nnx.logical_axis_rules`` for every name (``None`` = replicated); without a mesh the names
+are only metadata. :func:`batch_norm` and :func:`linear` name nothing unless asked (the
+connectors of ``kdlab.models.connectors`` use them unnamed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -29,6 +44,20 @@ kaiming_fan_out: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_ou
 torch_default: Initializer = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 zeros: Initializer = jax.nn.initializers.zeros
+
+CHANNELS = "channels"  # a layer's output channels (features)
+CONV_IN = "conv_in"  # a conv kernel's input channels
+HEAD_AXES = (CHANNELS, None)  # a classifier's kernel: channels in, classes out
+
+
+def eager_sharding() -> contextlib.AbstractContextManager:
+  """Flax's eager sharding on under a mesh (parameters born sharded by their names), off without
+  one (names kept as metadata: flax would otherwise refuse named parameters outside a mesh)."""
+  return nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty)
+
+
+def _names(axes: tuple[str | None, ...] | None) -> dict[str, Any]:
+  return {} if axes is None else {"out_sharding": tuple(axes)}
 
 
 def torch_default_bias(fan_in: int) -> Initializer:
@@ -53,27 +82,44 @@ def conv(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: 
   :func:`kdlab.ops.conv.conv_function`); ``None`` takes
   :func:`kdlab.ops.conv.default_impl` (``KDLAB_CONV_IMPL``). The parameters, the
   forward pass and the gradients' values are the same for all.
+
+  The kernel is named ``(None, None, "conv_in", "channels")``, the bias ``("channels",)``.
   """
   pad = kernel_size // 2
   impl = conv_ops.default_impl() if impl is None else impl
-  return nnx.Conv(in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
-                  padding=((pad, pad), (pad, pad)), feature_group_count=groups,
-                  use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, rngs=rngs,
-                  conv_general_dilated=conv_ops.conv_function(impl, (kernel_size, kernel_size), in_ch, groups))
+  with eager_sharding():
+    return nnx.Conv(in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
+                    padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                    use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, rngs=rngs,
+                    conv_general_dilated=conv_ops.conv_function(impl, (kernel_size, kernel_size), in_ch, groups),
+                    kernel_metadata=_names((None, None, CONV_IN, CHANNELS)), bias_metadata=_names((CHANNELS,)))
 
 
-def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """Batch norm with PyTorch's defaults (its momentum 0.1 is flax's 0.9), scale 1, bias 0."""
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+def batch_norm(num_features: int, *, axis: str | None = None, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """Batch norm with PyTorch's defaults (its momentum 0.1 is flax's 0.9), scale 1, bias 0.
+
+  ``axis``: the logical name of the scale and bias (the zoo's ``CHANNELS``); None names nothing.
+  """
+  names = _names(None if axis is None else (axis,))
+  with eager_sharding():
+    return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, scale_metadata=names,
+                         bias_metadata=names, rngs=rngs)
 
 
 def linear(in_features: int, out_features: int, *, kernel_init: Initializer = torch_default,
-           bias_init: Initializer | None = None, rngs: nnx.Rngs) -> nnx.Linear:
-  """Dense layer; the bias defaults to PyTorch's init for this ``in_features``."""
+           bias_init: Initializer | None = None, axes: tuple[str | None, str | None] | None = None,
+           rngs: nnx.Rngs) -> nnx.Linear:
+  """Dense layer; the bias defaults to PyTorch's init for this ``in_features``.
+
+  ``axes``: logical names of the ``[in, out]`` kernel (the zoo's classifiers: ``HEAD_AXES``);
+  the bias gets the ``out`` name. None names nothing.
+  """
   if bias_init is None:
     bias_init = torch_default_bias(in_features)
-  return nnx.Linear(in_features, out_features, kernel_init=kernel_init, bias_init=bias_init,
-                    rngs=rngs)
+  with eager_sharding():
+    return nnx.Linear(in_features, out_features, kernel_init=kernel_init, bias_init=bias_init,
+                      kernel_metadata=_names(axes), bias_metadata=_names(None if axes is None else axes[1:]),
+                      rngs=rngs)
 
 
 class ConvBN(nnx.Module):
@@ -87,7 +133,7 @@ class ConvBN(nnx.Module):
                kernel_init: Initializer = kaiming_fan_out, rngs: nnx.Rngs):
     self.conv = conv(in_ch, out_ch, kernel_size, stride=stride, groups=groups,
                      use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
-    self.bn = batch_norm(out_ch, rngs=rngs)
+    self.bn = batch_norm(out_ch, axis=CHANNELS, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     return self.bn(self.conv(x), use_running_average=not train)

@@ -1,4 +1,13 @@
-"""Multilayer perceptron of Hinton et al. 2015's MNIST experiments."""
+"""Multilayer perceptron of Hinton et al. 2015's MNIST experiments.
+
+Logical axis names (``nnx.get_partition_spec``; ``kdlab.mesh`` maps them to mesh axes): each
+hidden layer's kernel ``[in, out]`` is ``("hidden_in", "hidden")`` (the first layer's ``in`` is
+the flattened input, e.g. 784) and its bias ``("hidden",)``; the head's kernel
+``[hidden[-1], num_classes]`` is ``("hidden", None)`` (``("hidden_in", None)`` without hidden
+layers) and its bias ``(None,)``. Built under a mesh (``jax.set_mesh``) the parameters are
+created sharded, which needs a rule in ``nnx.logical_axis_rules`` for each name (``None`` =
+replicated).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdlab.models import layers
 from kdlab.models.registry import register
+
+HIDDEN_IN, HIDDEN = "hidden_in", "hidden"
+
+
+def _linear(a: int, b: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs) -> nnx.Linear:
+  """flax's default ``nnx.Linear`` with its kernel named ``axes`` and its bias ``axes[1:]``."""
+  with layers.eager_sharding():
+    return nnx.Linear(a, b, kernel_metadata={"out_sharding": axes},
+                      bias_metadata={"out_sharding": axes[1:]}, rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -22,8 +41,9 @@ class MLP(nnx.Module):
   def __init__(self, *, in_features: int, hidden: Sequence[int], num_classes: int,
                dropout: float, input_dropout: float, rngs: nnx.Rngs):
     sizes = (in_features, *hidden)
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+    self.layers = nnx.List([_linear(a, b, (HIDDEN_IN, HIDDEN), rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    # With no hidden layers the head reads the input itself.
+    self.head = _linear(sizes[-1], num_classes, (HIDDEN if hidden else HIDDEN_IN, None), rngs)
     self.input_dropout = nnx.Dropout(input_dropout, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 

@@ -19,6 +19,10 @@ at a 32x32 input (widths for ``width_mult=0.5``):
   stage{i}_preact the same arrays: blocks end in a linear (BN, no ReLU)
                   projection, so there is no activation to take off
   pool            ``[N, 1280]``        global average pool of the 1x1 head conv
+
+Logical axis names (see kdlab.models.layers): conv kernels ``(None, None, "conv_in",
+"channels")``, batch-norm scale/bias ``("channels",)``, the ``classifier``
+kernel ``("channels", None)`` and bias ``(None,)``.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ class MobileNetV2(nnx.Module):
     self.head = layers.ConvBN(in_ch, head_ch, 1, rngs=rngs)
     self.classifier = layers.linear(head_ch, num_classes,
                                     kernel_init=jax.nn.initializers.normal(0.01),
-                                    bias_init=layers.zeros, rngs=rngs)
+                                    bias_init=layers.zeros, axes=layers.HEAD_AXES, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``[N, H, W, 3] -> ([N, num_classes], feats)``."""

@@ -6,6 +6,7 @@ Every registered constructor builds a Flax NNX module whose call is
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from flax import nnx
@@ -28,6 +29,13 @@ def register(name: str) -> Callable[[Callable[..., nnx.Module]], Callable[..., n
 def names() -> list[str]:
   """All registered model names, sorted."""
   return sorted(_REGISTRY)
+
+
+def options(name: str) -> set[str]:
+  """The keyword arguments the constructor of ``name`` takes (besides ``rngs``)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"model: unknown model {name!r}; choose one of {', '.join(names())}")
+  return set(inspect.signature(_REGISTRY[name]).parameters) - {"rngs"}
 
 
 def create(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **kwargs: Any) -> nnx.Module:

@@ -22,6 +22,10 @@ and kaiming-normal (fan_out) init; the classifier has PyTorch's default init.
 
 CIFAR ResNets have 3 stages of ``(depth - 2) / 6`` basic blocks; ResNet50 has
 4 stages of 3/4/6/3 bottlenecks (expansion 4).
+
+Logical axis names (see kdlab.models.layers): conv kernels ``(None, None, "conv_in",
+"channels")``, batch-norm scale/bias ``("channels",)``, the classifier ``fc``
+kernel ``("channels", None)`` and bias ``(None,)``.
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ class ResNet(nnx.Module):
         in_ch = width * block.expansion
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
-    self.fc = layers.linear(in_ch, num_classes, rngs=rngs)
+    self.fc = layers.linear(in_ch, num_classes, axes=layers.HEAD_AXES, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``[N, H, W, 3] -> ([N, num_classes], feats)``."""

@@ -25,6 +25,10 @@ at a 32x32 input:
                     ReLU)`` *before* the channel shuffle, as RepDistiller returns
                     it, so its channels are a permutation of ``stage{i}``'s
     pool            ``[N, 1024]``         global average pool of the 1x1 head conv
+
+Logical axis names (see kdlab.models.layers): conv kernels ``(None, None, "conv_in",
+"channels")``, batch-norm scale/bias ``("channels",)``, the classifier ``fc``
+kernel ``("channels", None)`` and bias ``(None,)``.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ class ShuffleNetV1(nnx.Module):
       stages.append(nnx.List(blocks))
       in_ch = width
     self.stages = nnx.List(stages)
-    self.fc = layers.linear(in_ch, num_classes, rngs=rngs)
+    self.fc = layers.linear(in_ch, num_classes, axes=layers.HEAD_AXES, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``[N, H, W, 3] -> ([N, num_classes], feats)``."""
@@ -165,7 +169,7 @@ class ShuffleNetV2(nnx.Module):
     self.downs = nnx.List(downs)
     self.stages = nnx.List(stages)
     self.head = _conv_bn(in_ch, head_width, 1, rngs=rngs)
-    self.fc = layers.linear(head_width, num_classes, rngs=rngs)
+    self.fc = layers.linear(head_width, num_classes, axes=layers.HEAD_AXES, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``[N, H, W, 3] -> ([N, num_classes], feats)``."""

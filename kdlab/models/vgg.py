@@ -17,6 +17,10 @@ at a 32x32 input:
   stage4          ``[N, 4, 4, 512]``    (no pool before block 4 at 32x32)
   stage{i}_preact same shapes, block ``i``'s last BN before the ReLU
   pool            ``[N, 512]``          global average pool, fed to ``classifier``
+
+Logical axis names (see kdlab.models.layers): conv kernels ``(None, None, "conv_in",
+"channels")``, conv biases and batch-norm scale/bias ``("channels",)``, the ``classifier``
+kernel ``("channels", None)`` and bias ``(None,)``.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class VGG(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.classifier = layers.linear(in_ch, num_classes,
                                     kernel_init=jax.nn.initializers.normal(0.01),
-                                    bias_init=layers.zeros, rngs=rngs)
+                                    bias_init=layers.zeros, axes=layers.HEAD_AXES, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``[N, H, W, 3] -> ([N, num_classes], feats)``."""

@@ -19,6 +19,10 @@ the widen factor. ``feats`` at a 32x32 input:
                  for stage3) applied to stage{i}, i.e. the input of the next
                  ReLU, as RepDistiller's ``preact=True``
   pool           ``[N, 64k]``            global average pool of relu(stage3_preact)
+
+Logical axis names (see kdlab.models.layers): conv kernels ``(None, None, "conv_in",
+"channels")``, batch-norm scale/bias ``("channels",)``, the classifier ``fc``
+kernel ``("channels", None)`` and bias ``(None,)``.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ class WideBlock(nnx.Module):
   """Pre-activation basic block: ``[N, H, W, in_ch] -> [N, H/stride, W/stride, out_ch]``."""
 
   def __init__(self, in_ch: int, out_ch: int, stride: int, *, rngs: nnx.Rngs):
-    self.bn1 = layers.batch_norm(in_ch, rngs=rngs)
+    self.bn1 = layers.batch_norm(in_ch, axis=layers.CHANNELS, rngs=rngs)
     self.conv1 = layers.conv(in_ch, out_ch, 3, stride=stride, rngs=rngs)
-    self.bn2 = layers.batch_norm(out_ch, rngs=rngs)
+    self.bn2 = layers.batch_norm(out_ch, axis=layers.CHANNELS, rngs=rngs)
     self.conv2 = layers.conv(out_ch, out_ch, 3, rngs=rngs)
     self.shortcut = (layers.conv(in_ch, out_ch, 1, stride=stride, rngs=rngs)
                      if stride != 1 or in_ch != out_ch else None)
@@ -69,8 +73,8 @@ class WideResNet(nnx.Module):
         in_ch = width
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
-    self.bn = layers.batch_norm(in_ch, rngs=rngs)
-    self.fc = layers.linear(in_ch, num_classes, bias_init=layers.zeros, rngs=rngs)
+    self.bn = layers.batch_norm(in_ch, axis=layers.CHANNELS, rngs=rngs)
+    self.fc = layers.linear(in_ch, num_classes, bias_init=layers.zeros, axes=layers.HEAD_AXES, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``[N, H, W, 3] -> ([N, num_classes], feats)``."""

@@ -20,7 +20,7 @@ from kdlab.errors import UserError
 from kdlab.train import checkpoint, optim, tasks
 from kdlab.train import teachers as teacherlib
 from kdlab.train.prepare import Setup, prepare
-from kdlab.train.state import TrainState, init_state, state_shardings
+from kdlab.train.state import TrainState, create_state
 from kdlab.train.step import accumulate, make_eval_step, reduce_metrics, run_teachers
 
 
@@ -48,11 +48,11 @@ def evaluate_run(workdir: str | pathlib.Path, *, logit_offset: np.ndarray | None
   teachers, teacher_vars = teacherlib.load_teachers(setup.teacher_specs, setup.mesh,
                                                     config.get("sharding_rules") or ())
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
-  graphdef, state = init_state(setup.learner, tx, setup.objective.init_state(), config.seed,
-                               ema=setup.ema_decay is not None)
-  state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(
-      jax.device_put(state, state_shardings(state, setup.mesh, setup.param_shardings)))
-  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.task))
+  graphdef, state = create_state(setup.make_learner, tx, setup.objective.init_state(), config.seed,
+                                 ema=setup.ema_decay is not None, mesh=setup.mesh,
+                                 param_shardings=setup.param_shardings)
+  state, _ = checkpoint.Checkpointer(workdir / "checkpoints").restore(state)
+  eval_step = jax.jit(make_eval_step(graphdef, teachers, setup.task, setup.student_vocab))
   return evaluate(eval_step, state, teacher_vars, setup, logit_offset)
 
 

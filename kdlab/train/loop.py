@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from kdlab import mesh as meshlib
 from kdlab.errors import UserError
-from kdlab.train import born_again, checkpoint, on_policy, optim, tasks
+from kdlab.train import born_again, checkpoint, on_policy, optim, student_init, tasks
 from kdlab.train import teachers as teacherlib
 from kdlab.train.evaluate import eval_totals
-from kdlab.train.logging import MetricsLog, WandbLog
+from kdlab.files import write_json
+from kdlab.train.logging import MetricsLog, WandbLog, read_metrics
 from kdlab.train.prepare import check_workdir, prepare
-from kdlab.train.state import init_state, state_shardings
+from kdlab.train.state import TrainState, create_state, split_learner, state_shardings
 from kdlab.train.step import accumulate, make_eval_step, make_train_step, reduce_metrics
 
 
@@ -102,6 +103,8 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   mesh = setup.mesh
   rules = config.get("sharding_rules") or ()
   teachers, teacher_vars = teacherlib.load_teachers(setup.teacher_specs, mesh, rules)
+  keep = checkpoint_keep(config)
+  best_metric, best_mode = best_checkpoint_metric(config, _eval_metric_names(setup, teachers, teacher_vars))
   finished = _finished_summaries(workdirs, setup.total_steps)
   if finished is not None:  # Rerun of a finished run: nothing to train and nothing to rewrite.
     return finished
@@ -114,13 +117,16 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   tx = optim.make(config.optimizer, setup.steps_per_epoch, setup.total_steps)
   graphdef, states = None, []
   for s, c in zip(setups, configs):
-    graphdef, state = init_state(s.learner, tx, s.objective.init_state(), c.seed, ema=s.ema_decay is not None)
-    states.append(jax.device_put(state, state_shardings(state, mesh, s.param_shardings)))
+    graphdef, state = create_state(s.make_learner, tx, s.objective.init_state(), c.seed,
+                                   ema=s.ema_decay is not None, mesh=mesh, param_shardings=s.param_shardings)
+    states.append(state)
   task = setup.task
   read = grain.ReadOptions(num_threads=config.data.get("prefetch_threads", 0))
   data_iters = [iter(task.train_dataset(s.train_source, c.data, c.seed).to_iter_dataset(read))
                 for s, c in zip(setups, configs)]
-  ckpts = [checkpoint.Checkpointer(w / "checkpoints") for w in workdirs]
+  ckpts = [checkpoint.Checkpointer(w / "checkpoints", max_to_keep=keep) for w in workdirs]
+  best_ckpts = [checkpoint.Checkpointer(w / "best_checkpoint", max_to_keep=1) for w in workdirs] if best_metric else []
+  kept_best = [_best(w, best_metric, best_mode) if best_metric else None for w in workdirs]
   latest = [c.latest_step() for c in ckpts]
   if any(step is not None for step in latest):
     if any(step is None for step in latest):
@@ -129,6 +135,9 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     for i, ckpt in enumerate(ckpts):
       states[i], data_state = ckpt.restore(states[i], step=common)
       data_iters[i].set_state(data_state)
+  else:  # A fresh run: the student may start from a pretrained directory or its teacher's layers.
+    states = [student_init.apply(s.student_init, st, s.learner.student, s.param_shardings["student"], teacher_vars)
+              for s, st in zip(setups, states)]
   state_sharding = state_shardings(states[0], mesh, setup.param_shardings, n)
   state = jax.device_put(_stack(states), state_sharding)
   start_step = int(states[0].step)
@@ -136,16 +145,10 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   # Eval-only teachers (and all of them, with a teacher cache) are run by the eval step alone.
   step_teachers = [teachers[i] for i in setup.objective_teachers]
   step_teacher_vars = [teacher_vars[i] for i in setup.objective_teachers]
-  step_fn = make_train_step(graphdef, setup.objective, tx, step_teachers, setup.ema_decay,
-                            term_grad_norms=bool(config.train.get("term_grad_norms", False)),
-                            connector_warmup_steps=config.get("connector_warmup_steps", 0),
-                            task=task, student_taps=setup.student_taps)
-  eval_fn = make_eval_step(graphdef, teachers, task)
+  train_step = make_jitted_train_step(setup, graphdef, tx, step_teachers, step_teacher_vars, state_sharding, n)
+  eval_fn = make_eval_step(graphdef, teachers, task, setup.student_vocab)
   if n > 1:
-    step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))
     eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, None))
-  # The state keeps its shardings from step to step (and is updated in place).
-  train_step = jax.jit(step_fn, out_shardings=(state_sharding, meshlib.replicated(mesh)), donate_argnums=(0,))
   eval_step = jax.jit(eval_fn)
   # config.on_policy: some batches become the student's own samples (kdlab.train.on_policy).
   policy = on_policy.build(configs, setup, graphdef, meshlib.batch_sharding(mesh, leading_axes=1 if n > 1 else 0))
@@ -165,49 +168,61 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
   ckpt_every = max(1, int(round(config.train.checkpoint_every_epochs * setup.steps_per_epoch)))
   log_every = max(1, min(config.train.log_every_steps, setup.steps_per_epoch))
   totals: dict[str, Any] = {}
-  best = [_best(w, task) for w in workdirs]
+  best = [_best(w, task.best_key, "max" if task.better(1.0, 0.0) else "min") for w in workdirs]
   steps_timed, time_in_steps = 0, 0.0
   final = None
   bar = tqdm(total=setup.total_steps, initial=start_step, disable=not progress, desc=workdirs[0].name,
              mininterval=2.0, dynamic_ncols=True)
-  for step in range(start_step + 1, setup.total_steps + 1):
-    batches = [next(it) for it in data_iters]
-    if setup.cache is not None:  # The teacher's stored outputs for these sequences (config.teacher_cache).
-      batches = [{**b, **setup.cache.lookup(b["index"])} for b in batches]
-    batch = meshlib.global_batch(batches[0] if n == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]},
-                    mesh, stacked=n > 1)
-    t0 = time.time()
-    state, metrics = train_step(state, step_teacher_vars, batch)
-    totals = accumulate(totals, metrics)
-    save_now = step % ckpt_every == 0 or step == setup.total_steps
-    # Logging at every checkpoint too keeps the averaging windows of a resumed run identical.
-    if step % log_every == 0 or save_now:
-      for i, values in enumerate(reduce_metrics(t) for t in _unstack(totals, n)):
-        if not math.isfinite(values["loss"]):
-          raise FloatingPointError(f"{workdirs[i]}: loss became {values['loss']} at step {step}; "
-                                   f"lower the learning rate or check the inputs")
-        values["epoch"] = step / setup.steps_per_epoch
-        logs[i].write(step, values)
-        wandb_logs[i].write(step, values)
-      totals = {}
-      bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-    if step > start_step + 1:  # The first step compiles; leave it out of the speed figure.
-      jax.block_until_ready(state.step)
-      steps_timed += 1
-      time_in_steps += time.time() - t0
-    if step % eval_every == 0 or step == setup.total_steps:
-      final = evaluate_all()
-      for i, values in enumerate(final):
-        if best[i] is None or task.better(values[task.best_key], best[i]):
-          best[i] = values[task.best_key]
-        logs[i].write(step, {**values, "epoch": step / setup.steps_per_epoch})
-        wandb_logs[i].write(step, values)
-    if save_now:
-      for ckpt, s, it in zip(ckpts, _unstack(state, n), data_iters):
-        ckpt.save(step, s, it.get_state())
-    bar.update(1)
-  bar.close()
+  try:
+    for step in range(start_step + 1, setup.total_steps + 1):
+      batches = [next(it) for it in data_iters]
+      if setup.cache is not None:  # The teacher's stored outputs for these sequences (config.teacher_cache).
+        batches = [{**b, **setup.cache.lookup(b["index"])} for b in batches]
+      batch = meshlib.global_batch(batches[0] if n == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]},
+                      mesh, stacked=n > 1)
+      t0 = time.time()
+      state, metrics = train_step(state, step_teacher_vars, batch)
+      totals = accumulate(totals, metrics)
+      save_now = step % ckpt_every == 0 or step == setup.total_steps
+      # Logging at every checkpoint too keeps the averaging windows of a resumed run identical.
+      if step % log_every == 0 or save_now:
+        for i, values in enumerate(reduce_metrics(t) for t in _unstack(totals, n)):
+          if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"{workdirs[i]}: loss became {values['loss']} at step {step}; "
+                                     f"lower the learning rate or check the inputs")
+          values["epoch"] = step / setup.steps_per_epoch
+          logs[i].write(step, values)
+          wandb_logs[i].write(step, values)
+        totals = {}
+        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+      if step > start_step + 1:  # The first step compiles; leave it out of the speed figure.
+        jax.block_until_ready(state.step)
+        steps_timed += 1
+        time_in_steps += time.time() - t0
+      if step % eval_every == 0 or step == setup.total_steps:
+        final = evaluate_all()
+        for i, values in enumerate(final):
+          if best[i] is None or task.better(values[task.best_key], best[i]):
+            best[i] = values[task.best_key]
+          if best_metric and _improves(values[best_metric], kept_best[i], best_mode):
+            kept_best[i] = values[best_metric]
+            best_ckpts[i].save(step, _unstack(state, n)[i], data_iters[i].get_state())
+            write_json(workdirs[i] / "best_checkpoint" / "best.json",
+                       {"step": step, "metric": best_metric, "mode": best_mode, "value": kept_best[i]})
+          logs[i].write(step, {**values, "epoch": step / setup.steps_per_epoch})
+          wandb_logs[i].write(step, values)
+      if save_now:
+        for ckpt, s, it in zip(ckpts, _unstack(state, n), data_iters):
+          ckpt.save(step, s, it.get_state())
+      bar.update(1)
+    bar.close()
+  except BaseException:  # Interrupted or failed: the save in flight completes before the exit.
+    for ckpt in [*ckpts, *best_ckpts]:
+      ckpt.close()
+    raise
 
+  for ckpt in [*ckpts, *best_ckpts]:  # A summary.json means the run's last checkpoint is on disk.
+    ckpt.wait()
   summaries = []
   for i, values in enumerate(final if final is not None else evaluate_all()):
     summary = {
@@ -221,8 +236,30 @@ def _train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     wandb_logs[i].write(setup.total_steps, {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     wandb_logs[i].close()
     ckpts[i].close()
+    if best_ckpts:
+      best_ckpts[i].close()
     summaries.append(summary)
   return summaries
+
+
+def make_jitted_train_step(setup: Any, graphdef: Any, tx: Any, teachers: Sequence[Any], teacher_vars: Sequence[Any],
+                           state_sharding: Any, n: int = 1) -> Any:
+  """The jitted train step of ``setup`` (``n`` vmapped seeds when > 1): its inputs and outputs keep
+  their shardings (the state's, each teacher variable's as given, the batch split over the data
+  axes) and the state is donated (updated in place)."""
+  config = setup.config
+  step_fn = make_train_step(graphdef, setup.objective, tx, teachers, setup.ema_decay,
+                            term_grad_norms=bool(config.train.get("term_grad_norms", False)),
+                            connector_warmup_steps=config.get("connector_warmup_steps", 0),
+                            task=setup.task, student_taps=setup.student_taps,
+                            lr_schedule=optim.learning_rate(config.optimizer, setup.steps_per_epoch, setup.total_steps),
+                            microbatches=config.train.get("microbatches", 1), student_vocab=setup.student_vocab)
+  if n > 1:
+    step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))
+  teacher_sharding = jax.tree.map(lambda x: x.sharding, list(teacher_vars))
+  batch_sharding = meshlib.batch_sharding(setup.mesh, leading_axes=1 if n > 1 else 0)
+  return jax.jit(step_fn, in_shardings=(state_sharding, teacher_sharding, batch_sharding),
+                 out_shardings=(state_sharding, meshlib.replicated(setup.mesh)), donate_argnums=(0,))
 
 
 def _finished_summaries(workdirs: Sequence[pathlib.Path], total_steps: int) -> list[dict[str, Any]] | None:
@@ -240,14 +277,59 @@ def _finished_summaries(workdirs: Sequence[pathlib.Path], total_steps: int) -> l
   return summaries
 
 
-def _best(workdir: pathlib.Path, task: tasks.Task) -> float | None:
-  """The best ``task.best_key`` among the evaluations already logged in ``workdir`` (a resumed run)."""
-  from kdlab.train.logging import read_metrics
+def _best(workdir: pathlib.Path, metric: str, mode: str) -> float | None:
+  """The best ``metric`` (``mode`` max or min) among the evaluations already logged in ``workdir`` (a resumed run)."""
   best = None
   for m in read_metrics(workdir):
-    value = m.get(task.best_key)
-    if value is not None and (best is None or task.better(value, best)):
+    value = m.get(metric)
+    if value is not None and _improves(value, best, mode):
       best = value
   return best
+
+
+def _eval_metric_names(setup: Any, teachers: Sequence[Any], teacher_vars: Sequence[Any]) -> list[str]:
+  """The names of the eval metrics a run of ``setup`` logs (traced abstractly, nothing runs)."""
+  if not (setup.config.get("checkpoint") or {}).get("best_metric"):
+    return []
+  graphdef, params, rest = split_learner(setup.learner)
+  eval_step = make_eval_step(graphdef, teachers, setup.task, setup.student_vocab)
+  batch = next(iter(setup.task.eval_batches(setup.test_source, setup.config.data)))
+
+  def metrics(params, rest, teacher_vars, batch):
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state={}, term_states={},
+                       key=jnp.zeros((2,), jnp.uint32))
+    return eval_step(state, teacher_vars, batch, jnp.zeros((setup.num_outputs,), jnp.float32))
+
+  shapes = jax.eval_shape(metrics, params, rest, teacher_vars, batch)
+  zeros = {k: [0.0] * s[0].shape[0] if s[0].ndim else 1.0 for k, s in shapes.items()}
+  return sorted(setup.task.finalize(zeros))
+
+
+def _improves(value: float, best: float | None, mode: str) -> bool:
+  return best is None or (value > best if mode == "max" else value < best)
+
+
+def checkpoint_keep(config: ml_collections.ConfigDict) -> int:
+  """``config.checkpoint.keep``: how many of the latest checkpoints a run keeps (default 2)."""
+  keep = (config.get("checkpoint") or {}).get("keep", 2)
+  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    raise UserError(f"config.checkpoint.keep={keep!r}: use a whole number >= 1 (the latest checkpoints kept)")
+  return keep
+
+
+def best_checkpoint_metric(config: ml_collections.ConfigDict, names: Sequence[str]) -> tuple[str | None, str]:
+  """``config.checkpoint.best_metric`` (one of the eval metric ``names``, e.g. ``test/accuracy``; None: no
+  best checkpoint) and ``best_mode`` (``max`` or ``min``; default ``max`` for accuracies, else ``min``)."""
+  cfg = config.get("checkpoint") or {}
+  metric = cfg.get("best_metric")
+  if metric is None:
+    return None, "max"
+  if metric not in names:
+    raise UserError(f"config.checkpoint.best_metric={metric!r}: not an eval metric of this run; use one of "
+                    f"{', '.join(sorted(names))}")
+  mode = cfg.get("best_mode") or ("max" if "accuracy" in metric else "min")
+  if mode not in ("max", "min"):
+    raise UserError(f"config.checkpoint.best_mode={mode!r}: use 'max' or 'min'")
+  return metric, mode
 
 

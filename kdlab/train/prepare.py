@@ -19,10 +19,10 @@ from kdlab import mesh as meshlib
 from kdlab.errors import UserError
 from kdlab.models.protocol import OnRequestTaps
 from kdlab.objective import ModelOutput, Objective, Shapes, build as build_objective, make_schedule
-from kdlab.train import on_policy, optim, tasks
+from kdlab.train import on_policy, optim, student_init, tasks
 from kdlab.train import teachers as teacherlib
 from kdlab.train.state import Learner
-from kdlab.train.step import forward
+from kdlab.train.step import check_microbatches, forward
 
 
 @dataclasses.dataclass
@@ -40,7 +40,7 @@ class Setup:
   student_kwargs: dict[str, Any]
   teacher_specs: list[dict[str, Any]]
   objective: Objective
-  learner: Learner
+  learner: Learner  # abstract (nnx.eval_shape); make_learner() builds it (see kdlab.train.state.create_state)
   steps_per_epoch: int
   total_steps: int
   ema_decay: Any = None
@@ -51,6 +51,9 @@ class Setup:
   objective_teachers: tuple[int, ...] = ()
   cache: Any = None
   param_shardings: Any = None  # the learner's params on the mesh (config.sharding_rules)
+  make_learner: Any = None  # () -> Learner, the student initialized from config.seed and the connectors
+  student_init: Any = None  # how a fresh run's student starts (kdlab.train.student_init.describe)
+  student_vocab: int | None = None  # the student's logits compared over its first student_vocab columns
 
 
 def _requested_taps(specs: Sequence[Any]) -> set[str]:
@@ -79,15 +82,22 @@ def _abstract_output(model: nnx.Module, x: jax.ShapeDtypeStruct, requested: set[
   names = model.tap_names() if isinstance(model, OnRequestTaps) else []
   taps = tuple(sorted(n for n in names if n in requested and n not in out.feats))
   if taps:
-    out = jax.eval_shape(lambda m, x: forward(m, x, train=False, taps=taps), model, x)
+    try:
+      out = jax.eval_shape(lambda m, x: forward(m, x, train=False, taps=taps), model, x)
+    except ValueError as e:  # e.g. attn{i} of a scanned gpt
+      raise UserError(f"config.objective: taps {list(taps)}: {e}") from None
   return out, taps
 
 
-def prepare(config: ml_collections.ConfigDict) -> Setup:
-  """Validates ``config`` and builds sources, models and the objective (abstractly where costly)."""
+def prepare(config: ml_collections.ConfigDict, *, need_weights: bool = True) -> Setup:
+  """Validates ``config`` and builds sources, models and the objective (abstractly where costly).
+
+  ``need_weights=False`` (``kdlab plan``) accepts teachers whose checkpoints do not exist yet.
+  """
   mesh = meshlib.make_mesh(config.mesh)
   data_cfg = config.data
   meshlib.check_batch_size(data_cfg.batch_size, mesh)
+  check_microbatches(data_cfg.batch_size, config.train.get("microbatches", 1), meshlib.data_parallel_size(mesh))
   meshlib.check_batch_size(data_cfg.eval_batch_size, mesh, "config.data.eval_batch_size")
   task = tasks.for_source(data_cfg.source)
   train_source, test_source = task.load(data_cfg)
@@ -98,15 +108,19 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     raise UserError(f"config.data.prefetch_threads={threads!r}: use a whole number >= 0 (0: no prefetch threads)")
 
   student_kwargs = teacherlib.model_kwargs(config.model, "config.model")
+  student_kwargs.update(teacherlib.precision_kwargs(config, student_kwargs, "config"))
   student = nnx.eval_shape(lambda: teacherlib.create_model(student_kwargs, "config.model", config.seed))
-  teacher_specs = [teacherlib.teacher_spec(t, i) for i, t in enumerate(config.teachers)]
+  teacher_specs = [teacherlib.teacher_spec(t, i, need_weights=need_weights) for i, t in enumerate(config.teachers)]
   teachers = [nnx.eval_shape(lambda s=s, i=i: teacherlib.create_model(s["model"], f"config.teachers[{i}].model", 0))
               for i, s in enumerate(teacher_specs)]
   task.check_models(student, teachers, [f"config.teachers[{i}]" for i in range(len(teachers))], data_cfg)
   rules = config.get("sharding_rules") or ()
-  for i, teacher in enumerate(teachers):  # Checks the rules against each teacher's parameters.
-    meshlib.param_shardings(teacher, mesh, rules, f"config.teachers[{i}].model")
+  for i, (spec, teacher) in enumerate(zip(teacher_specs, teachers)):  # Checks each teacher's rules.
+    own = spec["sharding_rules"]
+    meshlib.param_shardings(teacher, mesh, rules if own is None else own, f"config.teachers[{i}].model",
+                            "config.sharding_rules" if own is None else f"config.teachers[{i}].sharding_rules")
   on_policy.check(config, task, student)  # config.on_policy (kdlab.train.on_policy)
+  init = student_init.describe(config, teacher_specs, student, teachers)
 
   batch = task.abstract_batch(train_source, data_cfg.batch_size)
   x = batch[task.input_key]
@@ -116,6 +130,15 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   for spec, teacher in zip(teacher_specs, teachers):
     t_out, spec["taps"] = _abstract_output(teacher, x, requested)
     t_outs.append(t_out)
+  # Teacher and student of one tokenizer, embeddings padded to different sizes: compare the common columns.
+  vocab = teacherlib.common_vocab(config, teacher_specs, s_out, t_outs)
+  student_vocab = None
+  if vocab is not None:
+    student_vocab = vocab if s_out.logits.shape[-1] > vocab else None
+    s_out = _limit_vocab(s_out, vocab)
+    for i, spec in enumerate(teacher_specs):
+      spec["vocab"] = vocab if t_outs[i].logits.shape[-1] > vocab else None
+      t_outs[i] = _limit_vocab(t_outs[i], vocab)
   task.check_outputs(s_out, t_outs, train_source, data_cfg)
   objective_teachers = tuple(i for i, spec in enumerate(teacher_specs) if not spec["eval_only"])
   t_outs = [t_outs[i] for i in objective_teachers]
@@ -137,11 +160,24 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   warmup = config.get("connector_warmup_steps", 0)
   if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
     raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {warmup!r}")
-  learner = Learner(teacherlib.create_model(student_kwargs, "config.model", config.seed), objective.connectors())
+  connectors = objective.connectors()
+
+  def make_learner() -> Learner:
+    return Learner(teacherlib.create_model(student_kwargs, "config.model", config.seed), connectors)
+
+  learner = nnx.eval_shape(make_learner)
   param_shardings = meshlib.param_shardings(learner, mesh, rules, "config.model")
   return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
                steps_per_epoch, total_steps, ema_decay, shapes, task, int(s_out.logits.shape[-1]), student_taps,
-               objective_teachers, cache, param_shardings)
+               objective_teachers, cache, param_shardings, make_learner, init, student_vocab)
+
+
+def _limit_vocab(out: ModelOutput, vocab: int) -> ModelOutput:
+  """``out`` (abstract) with only its first ``vocab`` logits, as ``forward(..., vocab=...)`` gives them."""
+  logits = jax.ShapeDtypeStruct((*out.logits.shape[:-1], vocab), out.logits.dtype)
+  unembedding = None if out.unembedding is None else jax.ShapeDtypeStruct(
+      (out.unembedding.shape[0], vocab), out.unembedding.dtype)
+  return dataclasses.replace(out, logits=logits, unembedding=unembedding)
 
 
 def _check_decay(value: Any, schedule: Any) -> None:
@@ -153,7 +189,20 @@ def _check_decay(value: Any, schedule: Any) -> None:
 
 
 def check_workdir(workdir: pathlib.Path, config_json: str) -> None:
+  """Refuses a workdir holding another run. The layout fields (:data:`LAYOUT_FIELDS`: the mesh and the
+  sharding rules) may differ: a run resumes on another mesh, its arrays resharded."""
   existing = workdir / "config.json"
-  if existing.exists() and json.loads(existing.read_text()) != json.loads(config_json):
+  if existing.exists() and _without_layout(json.loads(existing.read_text())) != _without_layout(json.loads(config_json)):
     raise UserError(f"--workdir={workdir}: it holds a run with a different config; use a new workdir "
                     f"(or delete it) to start another run")
+
+
+LAYOUT_FIELDS = ("mesh", "sharding_rules")
+
+
+def _without_layout(config: dict[str, Any]) -> dict[str, Any]:
+  config = {k: v for k, v in config.items() if k not in LAYOUT_FIELDS}
+  if isinstance(config.get("teachers"), list):
+    config["teachers"] = [{k: v for k, v in t.items() if k != "sharding_rules"} if isinstance(t, dict) else t
+                          for t in config["teachers"]]
+  return config

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,37 @@ def init_state(learner: Learner, tx: optax.GradientTransformation, term_states: 
                      key=jax.random.key_data(jax.random.key(seed + 1_000_003)),
                      ema=jax.tree.map(jnp.copy, params) if ema else {})
   return graphdef, state
+
+
+def state_layout(make_learner: Callable[[], Learner], tx: optax.GradientTransformation,
+                 term_states: Mapping[str, Any], seed: int, *, ema: bool, mesh: jax.sharding.Mesh,
+                 param_shardings: Any) -> tuple[nnx.GraphDef, TrainState, TrainState, Callable[..., TrainState]]:
+  """The learner's graph, the initial train state as ``jax.ShapeDtypeStruct`` (nothing allocated),
+  its shardings (:func:`state_shardings`) and ``build(term_states) -> TrainState`` making it."""
+  graphdef = split_learner(nnx.eval_shape(make_learner))[0]
+
+  def build(term_states: Mapping[str, Any]) -> TrainState:
+    return init_state(make_learner(), tx, term_states, seed, ema=ema)[1]
+
+  abstract = jax.eval_shape(build, dict(term_states))
+  shardings = state_shardings(abstract, mesh, param_shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graphdef, abstract, shardings, build
+
+
+def create_state(make_learner: Callable[[], Learner], tx: optax.GradientTransformation,
+                 term_states: Mapping[str, Any], seed: int, *, ema: bool, mesh: jax.sharding.Mesh,
+                 param_shardings: Any) -> tuple[nnx.GraphDef, TrainState]:
+  """The initial train state, born in its shardings (:func:`state_shardings`).
+
+  ``make_learner()`` builds the learner; it runs inside one jitted function whose outputs are
+  laid out by ``param_shardings``, so each device computes only its own slice of every parameter,
+  moment and EMA copy (nothing is materialized whole on one device). ``term_states`` (e.g. CRD's
+  memory bank) are passed in as they are.
+  """
+  graphdef, _, shardings, build = state_layout(make_learner, tx, term_states, seed, ema=ema, mesh=mesh,
+                                               param_shardings=param_shardings)
+  return graphdef, jax.jit(build, out_shardings=shardings)(dict(term_states))
 
 
 def keys_to_data(tree: Any) -> Any:

@@ -37,13 +37,25 @@ class Teacher:
   name: str
   graphdef: nnx.GraphDef
   taps: tuple[str, ...] = ()
+  vocab: int | None = None  # compare only the first ``vocab`` logits (embedding rows past the tokenizer's)
 
 
-def forward(model: nnx.Module, x: jax.Array, *, train: bool, taps: Sequence[str] = ()) -> ModelOutput:
+def forward(model: nnx.Module, x: jax.Array, *, train: bool, taps: Sequence[str] = (),
+            vocab: int | None = None) -> ModelOutput:
   """``model(x)`` as a :class:`ModelOutput`, asking for the optional ``taps`` and, for models with
-  an ``unembedding()`` (``gpt``), carrying that ``[D, V]`` matrix (fused token distillation reads it)."""
+  an ``unembedding()`` (``gpt``), carrying that ``[D, V]`` matrix (fused token distillation reads it).
+
+  ``vocab``: keep only the first ``vocab`` logits (and unembedding columns): a teacher and a
+  student of one tokenizer whose embeddings are padded to different sizes are compared over the
+  common columns.
+  """
   logits, feats = model(x, train=train, taps=tuple(taps)) if taps else model(x, train=train)
   unembedding = model.unembedding() if isinstance(model, Unembedding) else None
+  if getattr(model, "logit_softcap", None):  # logits = c tanh(final @ W / c): no plain unembedding to fuse
+    unembedding = None
+  if vocab is not None:
+    logits = logits[..., :vocab]
+    unembedding = None if unembedding is None else unembedding[:, :vocab]
   return ModelOutput(logits, feats, unembedding)
 
 
@@ -51,7 +63,8 @@ def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.A
                  with_taps: bool = True) -> list[ModelOutput]:
   outs = []
   for teacher, v in zip(teachers, variables):
-    out = forward(nnx.merge(teacher.graphdef, *v), x, train=False, taps=teacher.taps if with_taps else ())
+    out = forward(nnx.merge(teacher.graphdef, *v), x, train=False, taps=teacher.taps if with_taps else (),
+                  vocab=teacher.vocab)
     outs.append(jax.lax.stop_gradient(out))
   return outs
 
@@ -71,16 +84,51 @@ def objective_for(specs: Sequence[dict[str, Any]], student: nnx.Module, teachers
   return build(specs, shapes, nnx.Rngs(seed))
 
 
+def check_microbatches(batch_size: int, microbatches: Any, data_parallel: int = 1) -> int:
+  """``config.train.microbatches`` -> ``k``: the global ``batch_size`` must split into ``k`` equal
+  microbatches that each split evenly over the ``data_parallel`` devices of the data axes."""
+  k = microbatches
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise UserError(f"config.train.microbatches={k!r}: use a whole number >= 1 (1: no gradient accumulation)")
+  if batch_size % (k * data_parallel):
+    over = f" each split evenly over the {data_parallel} data-parallel devices" if data_parallel > 1 else ""
+    per_device = batch_size // data_parallel if batch_size % data_parallel == 0 else batch_size
+    raise UserError(f"config.train.microbatches={k}: config.data.batch_size={batch_size} does not split into {k} "
+                    f"equal microbatches{over}; use microbatches dividing {per_device} or a batch_size that is "
+                    f"a multiple of {k * data_parallel}")
+  return k
+
+
+def split_microbatches(batch: dict[str, Any], k: int) -> dict[str, Any]:
+  """``[B, ...]`` entries -> ``[k, B/k, ...]``; microbatch ``j`` holds rows ``j, j + k, j + 2k, ...``.
+
+  Strided rather than contiguous: a batch split over devices in contiguous blocks keeps every
+  microbatch split over all of them (each device's block reshapes locally), so no microbatch is
+  left to a few devices and nothing moves between devices.
+  """
+
+  def one(x):
+    x = jnp.asarray(x)
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+  return {name: one(x) for name, x in batch.items()}
+
+
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
                     teachers: Sequence[Teacher], ema_decay: Callable[[jax.Array], jax.Array] | None = None,
                     *, term_grad_norms: bool = False, connector_warmup_steps: int = 0,
                     task: tasklib.Task = tasklib.CLASSIFICATION, student_taps: Sequence[str] = (),
+                    lr_schedule: optax.Schedule | None = None, microbatches: int = 1,
+                    student_vocab: int | None = None,
                     ) -> Callable[[TrainState, Sequence[Any], dict], tuple[TrainState, Metrics]]:
   """``step(state, teacher_variables, batch) -> (state, metrics)`` (not yet jitted).
 
   The models read ``batch[task.input_key]``; the student is asked for ``student_taps``
   (each teacher for its own ``Teacher.taps``); ``task.train_metrics`` adds e.g.
-  ``train/accuracy``.
+  ``train/accuracy``. ``l2_grads`` is the norm of the gradient the optimizer receives (before
+  any ``config.optimizer.clip_grad_norm`` clipping, which is part of ``tx``); with
+  ``lr_schedule`` (``kdlab.train.optim.learning_rate``) the metric ``lr`` is its value at this
+  step (the learning rate this update uses).
 
   With ``ema_decay`` (``step -> decay``), the EMA of the learner's parameters
   in ``state.ema`` is the last teacher (named "ema") and is updated after the
@@ -96,35 +144,61 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
   parameters stay as they are (its batch statistics still move: it runs in train
   mode). This is RepDistiller's initialisation stage for connectors (e.g. FT's
   paraphraser); the optimizer's step count and schedules run on during it.
+
+  Gradient accumulation (``microbatches = k > 1``, ``config.train.microbatches``): the step
+  still receives the whole batch ``[B, ...]`` and splits it into ``k`` microbatches of ``B/k``
+  (:func:`split_microbatches`); a ``jax.lax.scan`` runs teachers, student, objective and
+  backward pass on one microbatch at a time (activations of one microbatch live at once), the
+  gradients are averaged and the optimizer updates once. Metrics are the ``(sum, count)`` sums
+  over the microbatches; term states (CRD's memory bank), batch statistics and dropout streams
+  (``state.rest``) are carried from one microbatch to the next; microbatch ``j`` folds ``j``
+  into the step's key for stochastic terms; the EMA teacher runs with the batch statistics the
+  step started with. ``grad_norm/<term>`` is then the mean over microbatches of each
+  microbatch's norm (at least the norm of the full batch's gradient).
+
+  The update equals the full batch's exactly (up to float rounding) when the objective is a mean
+  of per-example losses and every microbatch holds the same number of examples with
+  ``batch["mask"]`` (training batches are all-True): each term averages its per-example losses
+  over the masked examples of what it sees, so the mean of the microbatches' gradients is the
+  full batch's. Token-level terms qualify whatever the token masks: a sequence's loss is the
+  mean over its own real tokens (``token_mask``), so microbatches need not hold the same number
+  of tokens. It differs where the loss couples examples of a batch (sp, rkd_*, pkt, cc, info_nce,
+  crd's negatives and memory updates), where batch norm normalizes by batch statistics, and
+  where dropout draws differ.
   """
   if isinstance(connector_warmup_steps, bool) or not isinstance(connector_warmup_steps, int) \
       or connector_warmup_steps < 0:
     raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {connector_warmup_steps!r}")
+  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+    raise UserError(f"config.train.microbatches={microbatches!r}: use a whole number >= 1 "
+                    f"(1: no gradient accumulation)")
 
-  def step(state: TrainState, teacher_variables: Sequence[Any], batch: dict) -> tuple[TrainState, Metrics]:
+  def grads_of(state: TrainState, teacher_variables: Sequence[Any], batch: dict, rest: Any, term_states: Any,
+               key: jax.Array) -> tuple[Any, Metrics, Metrics, Any, Any]:
+    """Forward and backward on one (micro)batch: ``(grads, metrics, task_metrics, term_states, rest)``."""
+    ones = jnp.ones((), jnp.float32)
     x = batch[task.input_key]
     t_outs = run_teachers(teachers, teacher_variables, x)
     if ema_decay is not None:
       ema_student = nnx.merge(graphdef, state.ema, state.rest).student
-      t_outs.append(jax.lax.stop_gradient(forward(ema_student, x, train=False, taps=student_taps)))
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+      t_outs.append(jax.lax.stop_gradient(forward(ema_student, x, train=False, taps=student_taps,
+                                                  vocab=student_vocab)))
 
     def run(params, per_term: bool):
-      learner = nnx.merge(graphdef, params, state.rest)
-      s_out = forward(learner.student, x, train=True, taps=student_taps)
+      learner = nnx.merge(graphdef, params, rest)
+      s_out = forward(learner.student, x, train=True, taps=student_taps, vocab=student_vocab)
       logits = s_out.logits
       inputs = StepInputs(s_out, t_outs, batch, state.step, key)
       if per_term:
-        out, metrics, term_states = objective.term_losses(learner.connectors, inputs, state.term_states)
+        out, metrics, new_term_states = objective.term_losses(learner.connectors, inputs, term_states)
       else:
-        out, metrics, term_states = objective(learner.connectors, inputs, state.term_states)
-      _, _, rest = nnx.split(learner, nnx.Param, ...)
-      return out, (metrics, term_states, nnx.to_pure_dict(rest), logits)
+        out, metrics, new_term_states = objective(learner.connectors, inputs, term_states)
+      _, _, new_rest = nnx.split(learner, nnx.Param, ...)
+      return out, (metrics, new_term_states, nnx.to_pure_dict(new_rest), logits)
 
-    ones = jnp.ones((), jnp.float32)
     if term_grad_norms:
-      weighted, pullback, (metrics, term_states, rest, logits) = jax.vjp(lambda p: run(p, True), state.params,
-                                                                          has_aux=True)
+      weighted, pullback, (metrics, new_term_states, new_rest, logits) = jax.vjp(
+          lambda p: run(p, True), state.params, has_aux=True)
       names = list(weighted)
       (grads,) = pullback({name: ones for name in names})
 
@@ -140,8 +214,42 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
       for i, name in enumerate(names):
         metrics[f"grad_norm/{name}"] = (norms[i], ones)
     else:
-      (_, (metrics, term_states, rest, logits)), grads = jax.value_and_grad(
+      (_, (metrics, new_term_states, new_rest, logits)), grads = jax.value_and_grad(
           lambda p: run(p, False), has_aux=True)(state.params)
+    return grads, dict(metrics), task.train_metrics(logits, batch), new_term_states, new_rest
+
+  def accumulated(state: TrainState, teacher_variables: Sequence[Any], batch: dict, key: jax.Array
+                  ) -> tuple[Any, Metrics, Metrics, Any, Any]:
+    """:func:`grads_of` over ``microbatches`` microbatches: mean gradients, summed metrics."""
+    k = microbatches
+    size = jnp.shape(batch[task.input_key])[0]
+    if size % k:
+      raise UserError(f"config.train.microbatches={k}: the batch of {size} does not split into {k} equal "
+                      f"microbatches; use a batch_size that is a multiple of {k}")
+
+    def body(carry, xs):
+      grad_sum, term_states, rest = carry
+      micro, j = xs
+      grads, metrics, task_metrics, term_states, rest = grads_of(
+          state, teacher_variables, micro, rest, term_states, jax.random.fold_in(key, j))
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      return (grad_sum, term_states, rest), (metrics, task_metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grad_sum, term_states, rest), (metrics, task_metrics) = jax.lax.scan(
+        body, (zeros, state.term_states, state.rest), (split_microbatches(batch, k), jnp.arange(k)))
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    total = lambda m: {name: (jnp.sum(s, 0), jnp.sum(c, 0)) for name, (s, c) in m.items()}  # noqa: E731
+    return grads, total(metrics), total(task_metrics), term_states, rest
+
+  def step(state: TrainState, teacher_variables: Sequence[Any], batch: dict) -> tuple[TrainState, Metrics]:
+    ones = jnp.ones((), jnp.float32)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    if microbatches == 1:
+      grads, metrics, task_metrics, term_states, rest = grads_of(state, teacher_variables, batch, state.rest,
+                                                                 state.term_states, key)
+    else:
+      grads, metrics, task_metrics, term_states, rest = accumulated(state, teacher_variables, batch, key)
     warm = state.step < connector_warmup_steps
 
     def freeze(tree):
@@ -153,11 +261,12 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
     if connector_warmup_steps:  # Weight decay would still move the student: zero its updates too.
       updates = {**updates, "student": freeze(updates["student"])}
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics)
     metrics["l2_grads"] = (optax.tree.norm(grads), ones)
     metrics["l2_params"] = (optax.tree.norm(params), ones)
     metrics["l2_updates"] = (optax.tree.norm(updates), ones)
-    metrics.update(task.train_metrics(logits, batch))
+    if lr_schedule is not None:
+      metrics["lr"] = (jnp.asarray(lr_schedule(state.step), jnp.float32), ones)
+    metrics.update(task_metrics)
     ema = state.ema
     if ema_decay is not None:
       decay = ema_decay(state.step)
@@ -170,7 +279,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], task: tasklib.Task
+def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], task: tasklib.Task,
+                   student_vocab: int | None = None
                    ) -> Callable[[TrainState, Sequence[Any], dict, jax.Array], Metrics]:
   """``eval_step(state, teacher_variables, batch, logit_offset) -> metrics`` of the student.
 
@@ -183,7 +293,7 @@ def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], task: ta
                 logit_offset: jax.Array) -> Metrics:
     learner = nnx.merge(graphdef, state.params, state.rest)
     x = batch[task.input_key]
-    s_out = forward(learner.student, x, train=False)
+    s_out = forward(learner.student, x, train=False, vocab=student_vocab)
     t_out = run_teachers(teachers[:1], teacher_variables[:1], x, with_taps=False)[0] if teachers else None
     return task.eval_metrics(s_out, t_out, batch, logit_offset)
 

@@ -232,8 +232,10 @@ class LanguageModel(Task):
     if generated.is_generated(data_cfg.source):  # teacher samples (kdlab generate-data): sequence-level KD
       return generated.load_splits(data_cfg.source, seq_len=seq_len, eval_max_bytes=eval_max_bytes)
     try:
-      train = text.load_text(data_cfg.source, "train", seq_len=seq_len, max_bytes=max_bytes)
-      val = text.load_text(data_cfg.source, "validation", seq_len=seq_len, max_bytes=eval_max_bytes)
+      tokenizer = data_cfg.get("tokenizer") or "byte"
+      train = text.load_text(data_cfg.source, "train", seq_len=seq_len, max_bytes=max_bytes, tokenizer=tokenizer)
+      val = text.load_text(data_cfg.source, "validation", seq_len=seq_len, max_bytes=eval_max_bytes,
+                           tokenizer=tokenizer)
     except ValueError as e:
       raise UserError(f"config.data: {e}") from None
     return train, val

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +25,44 @@ from kdlab.train import checkpoint, tasks
 from kdlab.train.step import Teacher
 
 
+HF_PREFIX = "hf:"
+
+
 def model_kwargs(cfg: Any, field: str) -> dict[str, Any]:
+  """A ``config.model``-style dict as ``create`` keyword arguments (with ``name``).
+
+  ``dict(name="hf", path=DIR, **overrides)`` is the Hugging Face directory ``DIR``'s architecture
+  (``config.json``: llama, qwen2, qwen3, gemma3), with ``overrides`` (e.g. ``max_len``, ``remat``)
+  on top; its weights are loaded by :func:`pretrained_dir`'s callers.
+  """
   kwargs = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
   name = kwargs.get("name")
+  if name == "hf":
+    from kdlab.models import pretrained
+    path = hf_dir(kwargs.pop("path", None), f"{field}.path")
+    hf = pretrained.read_hf_config(path)
+    where = f"{path}/config.json"
+    kwargs.pop("name")
+    return {"name": pretrained.hf_family(hf, where), **pretrained.hf_kwargs(hf, where), **kwargs}
   if name not in models.names():
-    raise UserError(f"{field}.name: unknown model {name!r}; choose one of {', '.join(models.names())}")
+    raise UserError(f"{field}.name: unknown model {name!r}; choose one of hf, {', '.join(models.names())}")
   return kwargs
+
+
+def hf_dir(path: Any, field: str) -> str:
+  """``path`` checked to be a Hugging Face model directory (a folder with ``config.json``)."""
+  if not isinstance(path, str) or not path:
+    raise UserError(f"{field}: missing; give the local Hugging Face directory (config.json, *.safetensors)")
+  if not (pathlib.Path(path) / "config.json").is_file():
+    raise UserError(f"{field}={path!r}: no config.json there; give a local Hugging Face model directory "
+                    f"(download it first: nothing is fetched at run time)")
+  return path
+
+
+def pretrained_dir(cfg: Any) -> str | None:
+  """The Hugging Face directory a ``config.model``-style dict starts from (``name="hf"``), else None."""
+  cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  return cfg.get("path") if cfg.get("name") == "hf" else None
 
 
 def create_model(kwargs: dict[str, Any], field: str, seed: int) -> nnx.Module:
@@ -43,29 +75,71 @@ def create_model(kwargs: dict[str, Any], field: str, seed: int) -> nnx.Module:
     raise UserError(f"{field}: {e}") from None
 
 
-def teacher_spec(entry: Any, i: int) -> dict[str, Any]:
-  """Resolves ``config.teachers[i]``: its checkpoint and model (from the teacher run's config.json)."""
+def teacher_spec(entry: Any, i: int, *, need_weights: bool = True) -> dict[str, Any]:
+  """Resolves ``config.teachers[i]``: its checkpoint and model (from the teacher run's config.json).
+
+  With ``need_weights=False`` (``kdlab plan``) a teacher whose checkpoint does not exist yet is
+  resolved from its ``model`` dict alone.
+  """
   field = f"config.teachers[{i}]"
   entry = dict(entry)
   init = entry.get("init")
-  if not init:
+  if isinstance(init, str) and init.startswith(HF_PREFIX):  # a pretrained Hugging Face teacher
+    path = hf_dir(init[len(HF_PREFIX):], f"{field}.init")
+    entry["model"] = {**dict(entry.get("model") or {}), "name": "hf", "path": path}
+    return _spec(entry, i, init, entry["model"])
+  if not init and (need_weights or "model" not in entry):
     raise UserError(f"{field}.init: missing; set it to a finished run's checkpoints/ folder")
-  ckpt = pathlib.Path(init)
-  if not ckpt.is_dir() or not any(p.name.isdigit() for p in ckpt.iterdir()):
+  ckpt = pathlib.Path(init or "")
+  exists = bool(init) and ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+  if not exists and not (need_weights is False and "model" in entry):
     raise UserError(f"{field}.init: no teacher checkpoint at {init!r}; train the teacher first "
                     f"(kdlab train --config=...:teacher --workdir=...) or fix the path")
   run_config = ckpt.parent / "config.json"
-  if run_config.exists():
+  if exists and run_config.exists():
     model = json.loads(run_config.read_text())["model"]
   elif "model" in entry:
     model = entry["model"] if isinstance(entry["model"], dict) else {"name": entry["model"]}
   else:
     raise UserError(f"{field}.model: {init!r} has no config.json beside it; give the teacher's model dict")
+  return _spec(entry, i, str(ckpt), model)
+
+
+def _spec(entry: dict[str, Any], i: int, init: str, model: Any) -> dict[str, Any]:
+  field = f"config.teachers[{i}]"
   eval_only = entry.get("eval_only", False)
   if not isinstance(eval_only, bool):
     raise UserError(f"{field}.eval_only must be True or False, got {eval_only!r}")
-  return {"name": entry.get("name", f"t{i}"), "init": str(ckpt), "model": model_kwargs(model, f"{field}.model"),
-          "eval_only": eval_only}
+  rules = entry.get("sharding_rules")
+  if rules is not None and not isinstance(rules, (list, tuple)):
+    raise UserError(f"{field}.sharding_rules: {rules!r} is not a list of (logical name, mesh axis) pairs; "
+                    f"e.g. [('embed', 'fsdp'), ('mlp', 'model')], or leave it out to use config.sharding_rules")
+  kwargs = model_kwargs(model, f"{field}.model")
+  kwargs.update(precision_kwargs({"dtype": entry.get("dtype"), "param_dtype": entry.get("dtype")}, kwargs, field))
+  return {"name": entry.get("name", f"t{i}"), "init": init, "model": kwargs, "eval_only": eval_only,
+          "sharding_rules": None if rules is None else [tuple(r) if isinstance(r, list) else r for r in rules]}
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def precision_kwargs(cfg: Any, kwargs: dict[str, Any], field: str) -> dict[str, str]:
+  """``cfg.dtype`` (compute) and ``cfg.param_dtype`` (stored parameters) as model keyword arguments.
+
+  Unset fields give nothing (the model's float32 default); ``field`` names ``cfg`` in errors.
+  """
+  out = {}
+  for name in ("dtype", "param_dtype"):
+    value = cfg.get(name)
+    if value is None:
+      continue
+    if value not in DTYPES:
+      raise UserError(f"{field}.{name}={value!r}: use one of {', '.join(DTYPES)}")
+    if name not in models.options(kwargs["name"]):
+      raise UserError(f"{field}.{name}: model {kwargs['name']!r} has no {name} option; remove {field}.{name} "
+                      f"or use a model that has it (gpt, llama, qwen2, qwen3, gemma3)")
+    out[name] = value
+  return out
 
 
 def load_variables(model: nnx.Module, checkpoints: str | pathlib.Path, field: str
@@ -92,19 +166,86 @@ def load_model(kwargs: dict[str, Any], checkpoints: str | pathlib.Path, field: s
   return nnx.merge(graphdef, params, rest)
 
 
+def teacher_layout(spec: dict[str, Any], i: int, mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]]
+                   ) -> tuple[nnx.GraphDef, Any, Any, Callable[[], nnx.Module]]:
+  """Where teacher ``i`` (resolved by :func:`teacher_spec`) lives: its graph, its params as
+  ``jax.ShapeDtypeStruct`` with their shardings (its own ``sharding_rules``, else ``rules``) and dtype,
+  its other variables (abstract) and a function building the model. Nothing is allocated."""
+  field = f"config.teachers[{i}]"
+  make = lambda: create_model(spec["model"], f"{field}.model", 0)  # noqa: E731
+  abstract = nnx.eval_shape(make)
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  own = spec.get("sharding_rules")
+  shardings = meshlib.param_shardings(abstract, mesh, rules if own is None else own, f"{field}.model",
+                                      "config.sharding_rules" if own is None else f"{field}.sharding_rules")
+  params_like = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                             nnx.to_pure_dict(params), shardings)
+  rep = meshlib.replicated(mesh)
+  rest_like = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=rep), nnx.to_pure_dict(rest))
+  return graphdef, params_like, rest_like, make
+
+
 def load_teachers(specs: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]] = ()
                   ) -> tuple[list[Teacher], list[Any]]:
-  """Frozen teachers (resolved by :func:`teacher_spec`) and their variables ``(params, rest)`` on the mesh:
-  params placed by ``rules`` (``config.sharding_rules``), the rest replicated."""
+  """Frozen teachers (resolved by :func:`teacher_spec`) and their variables ``(params, rest)`` on the mesh.
+
+  Each teacher's params are read from its checkpoint straight into their shardings and dtype
+  (:func:`teacher_layout`): no device or host holds a whole copy. The rest (batch statistics,
+  RNG streams) is replicated.
+  """
   teachers, variables = [], []
   for i, spec in enumerate(specs):
-    field = f"config.teachers[{i}]"
-    model = create_model(spec["model"], f"{field}.model", 0)
-    graphdef, params, rest = load_variables(model, spec["init"], f"{field}.init")
-    shardings = meshlib.param_shardings(model, mesh, rules, f"{field}.model")
-    variables.append((jax.device_put(params, shardings), jax.device_put(rest, meshlib.replicated(mesh))))
-    teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ()))))
+    graphdef, params_like, _, make = teacher_layout(spec, i, mesh, rules)
+    # The non-parameter variables are small: built whole (the jit drops the parameters' computation).
+    rest = jax.jit(lambda make=make: nnx.to_pure_dict(nnx.split(make(), nnx.Param, ...)[2]),
+                   out_shardings=meshlib.replicated(mesh))()
+    if spec["init"].startswith(HF_PREFIX):
+      params = pretrained_params(spec["init"][len(HF_PREFIX):], nnx.eval_shape(make), params_like)
+      variables.append((params, rest))
+    else:
+      variables.append(checkpoint.restore_student(spec["init"], params_like, rest, f"config.teachers[{i}].init"))
+    teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ())), spec.get("vocab")))
   return teachers, variables
+
+
+def pretrained_params(path: str, model: nnx.Module, params_like: Any) -> Any:
+  """The weights of the Hugging Face directory ``path`` for ``model`` (abstract is enough), laid out as
+  ``params_like`` says (``jax.ShapeDtypeStruct`` with shardings): each device reads only its slices."""
+  from kdlab.models import pretrained
+  return pretrained.load_params(path, model, jax.tree.map(lambda p: p.sharding, params_like))
+
+
+def common_vocab(config: Any, specs: Sequence[dict[str, Any]], student_out: Any, teacher_outs: Sequence[Any]
+                 ) -> int | None:
+  """The number of logit columns teachers and student are compared over when their vocabularies differ
+  only by padding (one tokenizer, embeddings of different sizes, e.g. Qwen2.5 152,064 vs 151,936
+  rows); None when every teacher has the student's vocabulary size.
+
+  The student's tokenizer is ``config.data.tokenizer`` (``hf:DIR``) or its Hugging Face directory's;
+  each teacher's, its ``init="hf:DIR"`` directory's. Where both are known they must be the same
+  tokenizer (else a ``UserError`` naming the cross-tokenizer option), whatever the sizes; sizes that
+  differ without known tokenizers are left to the task's check.
+  """
+  if student_out.logits.ndim != 3:
+    return None
+  from kdlab.data import hf_tokenizer
+  data_tok = config.data.get("tokenizer") or ""
+  student_dir = data_tok[len(HF_PREFIX):] if data_tok.startswith(HF_PREFIX) else pretrained_dir(config.model)
+  has_tokenizer = lambda d: d is not None and (pathlib.Path(d) / "tokenizer.json").is_file()  # noqa: E731
+  vocab = int(student_out.logits.shape[-1])
+  common, differs = vocab, False
+  for i, (spec, out) in enumerate(zip(specs, teacher_outs)):
+    size = int(out.logits.shape[-1])
+    teacher_dir = spec["init"][len(HF_PREFIX):] if spec["init"].startswith(HF_PREFIX) else None
+    if not (has_tokenizer(student_dir) and has_tokenizer(teacher_dir)):
+      if size != vocab:
+        return None
+      continue
+    common = min(common, hf_tokenizer.align_vocab(size, vocab, hf_tokenizer.HFTokenizer.from_dir(teacher_dir),
+                                                  hf_tokenizer.HFTokenizer.from_dir(student_dir),
+                                                  f"config.teachers[{i}]"))
+    differs = differs or size != vocab
+  return common if differs else None
 
 
 def restore_like(fresh: Any, saved: Any, strict: bool = True) -> Any:

@@ -24,7 +24,8 @@ def disable() -> None:
     async def validate_final(cls, final_path):
       del final_path
 
-  def __init__(self, directory, *, max_to_keep=2):
+  def __init__(self, directory, *, max_to_keep=2, async_save=True):
+    del async_save
     import pathlib
     self.directory = pathlib.Path(directory).absolute()
     self.manager = ocp.CheckpointManager(

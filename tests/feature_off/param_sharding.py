@@ -6,6 +6,8 @@ from tests.feature_off._switch import plugin
 GUARDS = (
     "tests/test_sharded_train.py::test_params_moments_and_ema_are_split_over_model_by_the_rules[saved]",
     "tests/test_sharded_train.py::test_teacher_params_are_split_over_model_by_the_rules",
+    "tests/test_fsdp.py::test_params_moments_ema_and_teacher_are_split_over_fsdp_and_model",
+    "tests/test_fsdp.py::test_run_saved_on_8_devices_resumes_on_4_resharded_with_the_same_results",
 )
 
 
@@ -15,8 +17,8 @@ def disable() -> None:
 
   param_shardings = mesh.param_shardings
 
-  def replicated(module, mesh_, rules, field):
-    return jax.tree.map(lambda _: mesh.replicated(mesh_), param_shardings(module, mesh_, rules, field))
+  def replicated(module, mesh_, rules, field, rules_field="config.sharding_rules"):
+    return jax.tree.map(lambda _: mesh.replicated(mesh_), param_shardings(module, mesh_, rules, field, rules_field))
 
   mesh.param_shardings = replicated
 

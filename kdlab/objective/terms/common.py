@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from kdlab.errors import UserError
 from kdlab.losses import sequence
@@ -39,6 +40,14 @@ def teacher_output(inputs: StepInputs, teacher: int | str) -> Any:
 
 def teacher_shapes(shapes: Shapes, teacher: int | str) -> Any:
   return shapes.student if teacher == "self" else shapes.teachers[teacher]
+
+
+def float32(x: jax.Array) -> jax.Array:
+  """A floating tap upcast to float32, so that whatever a term computes from a bfloat16 model's
+  features (pooling, connectors, the loss) runs in float32; other dtypes pass through (the loss
+  then rejects them by name)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def tap_shape(output: Any, tap: str, side: str) -> Any:

@@ -1,5 +1,9 @@
 """Feature, attention and contrastive terms (FitNets, AT, SP, RKD, PKT, NST, CC, VID, AB, FT, FSP,
-MiniLM's attention and value relations, InfoNCE, CRD) and the connectors they build."""
+MiniLM's attention and value relations, InfoNCE, CRD) and the connectors they build.
+
+Every term upcasts its taps to float32 first (:func:`kdlab.objective.terms.common.float32`): a
+bfloat16 model's features are pooled, mapped by connectors and compared in float32.
+"""
 
 from __future__ import annotations
 
@@ -166,7 +170,7 @@ def feature_term(loss_fn: Callable[..., jax.Array], *, default_tap: str | None =
       where = {"where": inputs.batch["token_mask"] > 0} if query_mask and "token_mask" in inputs.batch else {}
       total = None
       for i, pair in enumerate(pairs):
-        s, t, extra = inputs.student.tap(pair.s_tap), t_out.tap(pair.t_tap), {}
+        s, t, extra = common.float32(inputs.student.tap(pair.s_tap)), common.float32(t_out.tap(pair.t_tap)), {}
         if apply is not None:
           s, t, extra = apply(None if module is None else module[i], s, t)
         loss = loss_fn(s, t, **hparams, **extra, **where)
@@ -281,10 +285,10 @@ def _ft(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
     total = None
     for i, pair in enumerate(pairs):
       conn = module[i]
-      t = t_out.tap(pair.t_tap).astype(jnp.float32)
+      t = common.float32(t_out.tap(pair.t_tap))
       factor_t = conn.paraphraser.encode(t, train=True)
       recon = conn.paraphraser.decoder(factor_t, train=True)
-      factor_s = conn.translator(inputs.student.tap(pair.s_tap), train=True)
+      factor_s = conn.translator(common.float32(inputs.student.tap(pair.s_tap)), train=True)
       factor_s, factor_t_cmp = _pool_pair(factor_s, factor_t) if pool else (factor_s, factor_t)
       loss = losses.ft(factor_s, jax.lax.stop_gradient(factor_t_cmp), **hparams)
       if recon_weight:
@@ -342,8 +346,8 @@ def _fsp(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
     t_out = common.teacher_output(inputs, teacher)
     total = None
     for s_taps, t_taps in zip(s_pairs, t_pairs):
-      loss = losses.fsp(tuple(inputs.student.tap(tap) for tap in s_taps),
-                        tuple(t_out.tap(tap) for tap in t_taps), **hparams)
+      loss = losses.fsp(tuple(common.float32(inputs.student.tap(tap)) for tap in s_taps),
+                        tuple(common.float32(t_out.tap(tap)) for tap in t_taps), **hparams)
       total = loss if total is None else total + loss
     return total, None
 
@@ -379,8 +383,8 @@ def _crd(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
   state = losses.crd_init_state(n, feat_dim, rngs.params())
 
   def fn(module: Any, inputs: StepInputs, state: Any):
-    s = module.student(inputs.student.tap(pair.s_tap), train=True)
-    t = module.teacher(common.teacher_output(inputs, teacher).tap(pair.t_tap), train=True)
+    s = module.student(common.float32(inputs.student.tap(pair.s_tap)), train=True)
+    t = module.teacher(common.float32(common.teacher_output(inputs, teacher).tap(pair.t_tap)), train=True)
     return losses.crd(s, t, inputs.batch["index"], state, key=inputs.key, num_negatives=num_negatives,
                       **hparams)
 
