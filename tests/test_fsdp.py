@@ -300,8 +300,8 @@ def test_bfloat16_student_computes_in_bfloat16():
 
 @pytest.mark.parametrize("overrides, message", [
     (["--config.sharding_rules=[('vocab', 'data'), ('embed', 'data')]"],
-     "config.sharding_rules: config.model parameter embed/embedding maps two dimensions to mesh axis 'data'; "
-     "map its names ('vocab', 'embed') to different axes"),
+     "config.sharding_rules: config.teachers[0].model parameter embed/embedding maps two dimensions to mesh axis "
+     "'data'; map its names ('vocab', 'embed') to different axes"),
     (["--config.teachers[0].sharding_rules=[('mlp', 'model')]"],
      "config.teachers[0].sharding_rules: ('mlp', 'model') names mesh axis 'model', which config.mesh {'data': 1} "
      "lacks; add it to config.mesh or map 'mlp' to one of data (or None)"),
