@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import mnist_mlp, parse_arg
+from common import MLP_OPTIONS, mnist_mlp, parse_arg
+
+OPTIONS = ("base", *MLP_OPTIONS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  _, options = parse_arg(arg, ("byot",), default="byot")
+  _, options = parse_arg(arg, ("byot",), default="byot", options=OPTIONS)
   c = mnist_mlp("student", options)
   source = c.data.source
   shape = (8, 8, 1) if source == "digits" else (28, 28, 1)

@@ -7,16 +7,29 @@ from typing import Sequence
 import ml_collections
 
 
-def parse_arg(arg: str | None, variants: Sequence[str], default: str) -> tuple[str, dict[str, str]]:
-  """``"kd,source=digits,quick"`` -> ``("kd", {"source": "digits", "quick": ""})``."""
+def parse_arg(arg: str | None, variants: Sequence[str], default: str, *,
+              options: Sequence[str]) -> tuple[str, dict[str, str]]:
+  """``"kd,source=digits,quick"`` -> ``("kd", {"source": "digits", "quick": ""})``.
+
+  ``options`` are the option names the config file reads (its ``OPTIONS``); any other name is an
+  error listing them, so a misspelled option never trains as if it were not there.
+  """
   parts = [p for p in (arg or default).split(",") if p]
-  variant, options = parts[0], {}
+  variant, given = parts[0], {}
   for p in parts[1:]:
     key, _, value = p.partition("=")
-    options[key] = value
+    given[key] = value
   if variant not in variants:
     raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(variants)}")
-  return variant, options
+  unknown = [k for k in given if k not in options]
+  if unknown:
+    raise ValueError(f"unknown option {unknown[0]!r}; the options of this config are {', '.join(options)} "
+                     f"(VARIANT,OPTION=VALUE,...)")
+  return variant, given
+
+
+# The options :func:`mnist_mlp` reads; configs built on it accept these and their own.
+MLP_OPTIONS = ("source", "epochs", "omit", "quick")
 
 
 def mnist_mlp(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import mnist_mlp, parse_arg
+from common import MLP_OPTIONS, mnist_mlp, parse_arg
+
+OPTIONS = ("teachers", "teacher_dir", *MLP_OPTIONS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = parse_arg(arg, ("ensemble", "single"), default="ensemble")
+  variant, options = parse_arg(arg, ("ensemble", "single"), default="ensemble", options=OPTIONS)
   c = mnist_mlp("student", options)
   n = int(options.get("teachers", 5)) if variant == "ensemble" else 1
   root = options.get("teacher_dir", "runs/ensemble/teachers")

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import mnist_mlp, parse_arg
+from common import MLP_OPTIONS, mnist_mlp, parse_arg
+
+OPTIONS = MLP_OPTIONS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = parse_arg(arg, ("teacher", "student", "kd"), default="kd")
+  variant, options = parse_arg(arg, ("teacher", "student", "kd"), default="kd", options=OPTIONS)
   c = mnist_mlp(variant, options)
   if variant == "kd":
     c.teachers = [dict(init="runs/hinton/teacher/checkpoints")]

@@ -38,6 +38,7 @@ from common import parse_arg
 from lm_pysrc import get_config as lm_config
 
 VARIANTS = ("student", "supervised_kd", "seqkd", "onpolicy_kd", "onpolicy_rkl", "gkd", "gkd_full")
+OPTIONS = ("teacher", "gen", "new", "lambda", "temperature", "sum", "steps", "impl", "quick")
 GENERATED = "runs/lm_gkd/teacher_data"
 
 # variant -> (lm_pysrc variant, the divergence term or None for CE, on-policy fraction lambda or None)
@@ -53,7 +54,7 @@ _PLAN = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = parse_arg(arg, VARIANTS, default="gkd")
+  variant, options = parse_arg(arg, VARIANTS, default="gkd", options=OPTIONS)
   base, divergence, fraction = _PLAN[variant]
   passed = [f"{k}={v}" if v else k for k, v in options.items() if k in ("teacher", "steps", "quick", "impl")]
   c = lm_config(",".join([base, *passed]))

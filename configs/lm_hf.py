@@ -30,6 +30,8 @@ import ml_collections
 from common import parse_arg
 
 VARIANTS = ("kd", "reverse_kl", "jsd", "ce")
+OPTIONS = ("teacher", "student", "layers", "init", "steps", "seq_len", "batch", "lr", "dtype", "impl", "ce",
+           "beta", "quick")
 
 
 def _fresh_student(teacher: str, layers: int | None, seq_len: int) -> dict:
@@ -47,7 +49,7 @@ def _fresh_student(teacher: str, layers: int | None, seq_len: int) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = parse_arg(arg, VARIANTS, default="kd")
+  variant, options = parse_arg(arg, VARIANTS, default="kd", options=OPTIONS)
   if "teacher" not in options:
     raise ValueError("option teacher=DIR is required (a local Hugging Face directory)")
   quick = "quick" in options

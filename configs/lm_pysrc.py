@@ -47,6 +47,7 @@ import ml_collections
 from common import parse_arg
 
 VARIANTS = ("teacher", "student", "kd", "reverse_kl", "jsd", "kd-cached")
+OPTIONS = ("teacher", "cache", "k", "impl", "ce", "beta", "warmup", "steps", "quick")
 TEACHER = "runs/lm_pysrc/teacher/checkpoints"
 CACHE = "runs/lm_pysrc/teacher_cache"
 
@@ -57,7 +58,7 @@ def _gpt(d_model: int, num_layers: int, num_heads: int, max_len: int) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = parse_arg(arg, VARIANTS, default="kd")
+  variant, options = parse_arg(arg, VARIANTS, default="kd", options=OPTIONS)
   quick = "quick" in options
   c = ml_collections.ConfigDict()
   c.seed = 0

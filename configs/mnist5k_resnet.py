@@ -28,8 +28,9 @@ feature loss alone, then train with CE only (RepDistiller adds no feature loss a
 their weights switch by schedule at the end of the init stage. FT pre-trains its paraphraser
 (and translator) with ``connector_warmup_steps`` (the student is frozen meanwhile).
 
-Options: ``epochs=N`` (students), ``teacher_epochs=N``, ``init_epochs=N``, ``batch=N``,
-``source=mnist5k|digits|tfds:mnist``, ``quick`` (a tiny run for tests).
+Options: ``epochs=N`` (students), ``teacher_epochs=N``, ``init_epochs=N``, ``batch=N``, ``lr=X``,
+``teacher=DIR/checkpoints``, ``source=mnist5k|digits|tfds:mnist``, ``omit=3`` (digits dropped from the
+training set), ``quick`` (a tiny run for tests).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 
 import ml_collections
 
-from common import mnist_mlp, parse_arg
+from common import MLP_OPTIONS, mnist_mlp, parse_arg
 
 TEACHER_MODEL, STUDENT_MODEL = "resnet14", "resnet8"
 TEACHER_INIT = "runs/mnist5k_methods/teacher/checkpoints"
@@ -57,6 +58,7 @@ METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "f
            "dkd", "reverse_kl", "jsd", "tvd", "logit_l2", "hard_ce", "info_nce")
 # Methods with RepDistiller's init stage before distillation.
 PRETRAINED = ("ab", "fsp", "ft")
+OPTIONS = ("teacher_epochs", "init_epochs", "batch", "lr", "teacher", *MLP_OPTIONS)
 
 
 def _switch(init: float, end: float, at_step: int) -> Any:
@@ -134,7 +136,7 @@ def method_objective(method: str, init_steps: int, dkd_warmup_steps: int, lr: fl
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = parse_arg(arg, ("teacher", "student", *METHODS), default="kd")
+  variant, options = parse_arg(arg, ("teacher", "student", *METHODS), default="kd", options=OPTIONS)
   quick = "quick" in options
   c = mnist_mlp("student", options)  # The shared skeleton (data source, optimizer and train fields).
   c.method = variant  # Which recipe this is; experiments/mnist5k_methods.py names its table rows by it.

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import mnist_mlp, parse_arg
+from common import MLP_OPTIONS, mnist_mlp, parse_arg
+
+OPTIONS = ("generations", *MLP_OPTIONS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, options = parse_arg(arg, ("ban", "ema"), default="ban")
+  variant, options = parse_arg(arg, ("ban", "ema"), default="ban", options=OPTIONS)
   c = mnist_mlp("student", options)
   c.model.dropout = 0.2 if "quick" not in options else 0.0
   if variant == "ban":

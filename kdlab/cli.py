@@ -1,8 +1,10 @@
 """``kdlab train | sweep | report | cache-teacher | sample | generate-data | plan | export`` (also ``python -m kdlab``).
 
   kdlab train --config=configs/hinton_mnist.py:kd --workdir=runs/kd [--config.FIELD=VALUE ...] [--no-wandb]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]  (docs/clusters.md)
   kdlab sweep --config=FILE[:VARIANT] --sweep=experiments/NAME.py --workdir=DIR [--parallel N] [--no-wandb]
-      [--config.FIELD=VALUE ...]      (docs/sweeps.md)
+      [--config.FIELD=VALUE ...] [--launcher=slurm --slurm_nodes N --slurm_time_min M ...]
+                                      (docs/sweeps.md, docs/clusters.md)
   kdlab report DIR                    (a sweep's or a run's workdir -> DIR/report.md with PNG plots)
   kdlab cache-teacher --config=FILE[:VARIANT] --out=DIR [--shard-size N] [--config.FIELD=VALUE ...]
       (config.teachers[0]'s top-k outputs over the train split; docs/procedures.md)
@@ -16,7 +18,9 @@
       (the run's student as a Hugging Face directory: config.json, safetensors, tokenizer; docs/pretrained.md)
 
 Bad input prints one line ``kdlab: error: ...`` naming the field and the fix,
-exits with status 2, and writes nothing.
+exits with status 2, and writes nothing. A run that diverges prints one such line naming its last
+good checkpoint and exits with status 1. SIGINT and SIGTERM stop a run at the end of a step with
+a checkpoint there, print one line saying where, and exit with 130 / 143 (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import sys
 from typing import Sequence
 
 from kdlab.errors import UserError
+from kdlab.train import stopping
 
 TRAIN_EPILOG = """\
 --config=FILE.py[:VARIANT,OPTION=VALUE,...]
@@ -43,22 +48,67 @@ example:
 
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> None:
   from kdlab import config as kconfig
-  from kdlab.train.loop import train
-  config = kconfig.apply_overrides(kconfig.load(args.config), overrides)
+  cluster = _cluster(args)
+  if cluster is None:
+    config = kconfig.apply_overrides(kconfig.load(args.config), overrides)
+    summary = _train_config(config, args)
+  else:  # Every process checks its input; all of them stop with the same line if one finds it bad.
+    from kdlab import distributed
+    distributed.initialize(cluster)
+    try:
+      config = kconfig.apply_overrides(kconfig.load(args.config), overrides)
+      summary = _train_config(config, args)
+    except UserError as e:
+      distributed.agree(e)
+      raise
+    if not distributed.is_writer():
+      return
   from kdlab.train.tasks import describe_summary
-  summary = train(config, args.workdir, use_wandb=not args.no_wandb, progress=not args.no_progress)
   print(f"{describe_summary(summary)}; summary in {args.workdir}/summary.json")
+
+
+def _train_config(config, args: argparse.Namespace) -> dict:
+  from kdlab.train.loop import train
+  return train(config, args.workdir, use_wandb=not args.no_wandb, progress=not args.no_progress)
+
+
+def _cluster(args: argparse.Namespace):
+  """The processes this one joins (``--coordinator_address`` ... or ``--distributed``), or None."""
+  from kdlab import distributed
+  return distributed.cluster_from(args.coordinator_address, args.num_processes, args.process_id,
+                                  auto=args.distributed, timeout_s=args.distributed_timeout)
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+  """Multi-process flags (JAX's names; docs/clusters.md)."""
+  group = parser.add_argument_group("several processes (one per host; docs/clusters.md)")
+  group.add_argument("--coordinator_address", "--coordinator-address", default=None, metavar="HOST:PORT",
+                     help="process 0's host and a free port (or $JAX_COORDINATOR_ADDRESS)")
+  group.add_argument("--num_processes", "--num-processes", type=int, default=None, metavar="N",
+                     help="how many processes the run has (or $JAX_NUM_PROCESSES)")
+  group.add_argument("--process_id", "--process-id", type=int, default=None, metavar="I",
+                     help="this process's index, 0 .. N-1 (or $JAX_PROCESS_ID)")
+  group.add_argument("--distributed", action="store_true",
+                     help="join the processes JAX detects itself (TPU pod slices, SLURM, Open MPI)")
+  group.add_argument("--distributed_timeout", "--distributed-timeout", type=float, default=None, metavar="S",
+                     help="seconds to wait for the others at start-up, and for a silent process before "
+                          "stopping (default 120)")
 
 
 def _sweep(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from kdlab import sweep
+  slurm = {name: getattr(args, f"slurm_{name}") for name in SLURM_FLAGS}
   failed = sweep.run_sweep(args.config, args.sweep, args.workdir, overrides, parallel=args.parallel,
-                           use_wandb=not args.no_wandb, worker=args.worker)
+                           use_wandb=not args.no_wandb, worker=args.worker, launcher=args.launcher, slurm=slurm,
+                           timeout_s=args.distributed_timeout)
   if failed:
     print(f"kdlab: error: {len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and rerun the same "
           f"command to resume", file=sys.stderr)
     return 1
   return 0
+
+
+SLURM_FLAGS = ("nodes", "gpus_per_node", "cpus_per_task", "time_min", "partition", "mem_gb")
 
 
 def _report(args: argparse.Namespace, rest: Sequence[str]) -> None:
@@ -141,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   train.add_argument("--no-wandb", "--nowandb", dest="no_wandb", action="store_true",
                      help="disable W&B logging (offline by default)")
   train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  _add_cluster_flags(train)
   sweep = commands.add_parser("sweep", help="train every run of a sweep file (resumes; skips finished runs)")
   sweep.add_argument("--config", required=True, help="configs/FILE.py[:VARIANT], the base of every run")
   sweep.add_argument("--sweep", required=True, help="experiments/NAME.py[:ARG] defining get_sweep() (docs/sweeps.md)")
@@ -149,6 +200,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   sweep.add_argument("--no-wandb", "--nowandb", dest="no_wandb", action="store_true",
                      help="disable W&B logging (offline by default)")
   sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # A --parallel worker process.
+  cluster = sweep.add_argument_group("cluster launch (docs/clusters.md)")
+  cluster.add_argument("--launcher", default="local", choices=("local", "slurm", "submitit-local"),
+                       help="local: train here (default); slurm: submit the runs as a SLURM job array (submitit); "
+                            "submitit-local: the same job array through submitit's local executor")
+  for name, kind, text in (("nodes", int, "nodes per run (several: a multi-host run)"),
+                           ("gpus_per_node", int, "GPUs per node"), ("cpus_per_task", int, "CPUs per task"),
+                           ("time_min", int, "time limit of each run's job, in minutes"),
+                           ("partition", str, "SLURM partition"), ("mem_gb", int, "memory per node, GB")):
+    cluster.add_argument(f"--slurm_{name}", f"--slurm-{name.replace('_', '-')}", type=kind, default=None,
+                         metavar="N" if kind is int else "NAME", help=f"{text} (else the sweep's slurm entry)")
+  cluster.add_argument("--distributed_timeout", "--distributed-timeout", type=float, default=None, metavar="S",
+                       help="multi-node runs: seconds to wait for a silent process (default 120)")
   report = commands.add_parser("report", help="report.md with plots for a sweep or a single run directory")
   report.add_argument("workdir", metavar="DIR", help="a sweep's --workdir or one run's workdir")
   cache = commands.add_parser("cache-teacher", help="store config.teachers[0]'s top-k outputs over the train split")
@@ -187,25 +250,45 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, rest = parser.parse_known_args(argv)
   args.argv = None if argv is None else list(argv)
   try:
-    if args.command == "train":
-      _train(args, rest)
-    elif args.command == "sweep":
-      return _sweep(args, rest)
-    elif args.command == "report":
-      _report(args, rest)
-    elif args.command == "cache-teacher":
-      _cache_teacher(args, rest)
-    elif args.command == "sample":
-      _sample(args, rest)
-    elif args.command == "generate-data":
-      _generate_data(args, rest)
-    elif args.command == "export":
-      _export(args, rest)
-    elif args.command == "plan":
-      return _plan(args, rest)
+    with stopping.raising():
+      return _run(args, rest)
   except UserError as e:
     print(f"kdlab: error: {e}", file=sys.stderr)
     return 2
+  except stopping.Diverged as e:
+    print(f"kdlab: error: {e}", file=sys.stderr)
+    return 1
+  except stopping.Interrupted as e:
+    print(f"kdlab: {e}", file=sys.stderr)
+    return e.exit_status
+  except Exception as e:  # A full disk is no bug of kdlab's: one line, not a traceback.
+    path = stopping.disk_full(e)
+    if path is None:
+      raise
+    print(f"kdlab: error: {stopping.disk_full_line(path)}", file=sys.stderr)
+    import logging  # The failed save's other writes are reported when collected at exit: said above already.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    return 1
+
+
+def _run(args: argparse.Namespace, rest: Sequence[str]) -> int:
+  """Runs the command ``args.command``; returns the exit status."""
+  if args.command == "train":
+    _train(args, rest)
+  elif args.command == "sweep":
+    return _sweep(args, rest)
+  elif args.command == "report":
+    _report(args, rest)
+  elif args.command == "cache-teacher":
+    _cache_teacher(args, rest)
+  elif args.command == "sample":
+    _sample(args, rest)
+  elif args.command == "generate-data":
+    _generate_data(args, rest)
+  elif args.command == "export":
+    _export(args, rest)
+  elif args.command == "plan":
+    return _plan(args, rest)
   return 0
 
 

@@ -21,18 +21,23 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdlab.config import show
 from kdlab.errors import UserError
 
 DATA_AXES = ("data", "fsdp")
 
 
 def make_mesh(axes: Sequence[Sequence[Any]], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with the named axes of ``axes`` (``[(name, size), ...]``, one size may be -1)."""
+  """A mesh with the named axes of ``axes`` (``[(name, size), ...]``, one size may be -1).
+
+  Every entry is a ``(name, size)`` pair with a string name and a whole-number size >= 1 (or -1),
+  and one axis is data parallel (``data`` or ``fsdp``): without one every device would compute the
+  whole batch. Anything else is a ``UserError`` naming ``config.mesh``.
+  """
   devices = list(devices if devices is not None else jax.devices())
+  check_mesh_axes(axes)
   names = [str(a[0]) for a in axes]
   sizes = [int(a[1]) for a in axes]
-  if not names or len(set(names)) != len(names):
-    raise UserError(f"config.mesh={list(axes)}: give distinct axis names, e.g. [('data', -1)]")
   known = math.prod(s for s in sizes if s != -1)
   if sizes.count(-1) > 1 or known <= 0 or len(devices) % known:
     raise UserError(f"config.mesh={list(axes)}: sizes must multiply to the {len(devices)} devices "
@@ -42,6 +47,28 @@ def make_mesh(axes: Sequence[Sequence[Any]], devices: Sequence[jax.Device] | Non
     raise UserError(f"config.mesh={list(axes)}: sizes multiply to {math.prod(sizes)}, "
                     f"but there are {len(devices)} devices")
   return jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices)
+
+
+def check_mesh_axes(axes: Any) -> None:
+  """``config.mesh`` is well formed: a non-empty list of ``(name, size)`` pairs (see :func:`make_mesh`)."""
+  example = "e.g. [('data', -1)] or [('fsdp', 4), ('model', 2)]"
+  if not isinstance(axes, (list, tuple)) or not axes:
+    raise UserError(f"config.mesh={show(axes)}: not a list of (axis name, size) pairs; use {example}")
+  for entry in axes:
+    if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
+        or isinstance(entry[1], bool) or not isinstance(entry[1], int)):
+      raise UserError(f"config.mesh={show(list(axes))}: entry {show(entry)} is not an (axis name, size) pair; "
+                      f"use {example}")
+    if entry[1] < 1 and entry[1] != -1:
+      raise UserError(f"config.mesh={show(list(axes))}: axis {entry[0]!r} has size {entry[1]}; use a size >= 1, "
+                      f"or -1 for the devices left over")
+  names = [entry[0] for entry in axes]
+  if len(set(names)) != len(names):
+    raise UserError(f"config.mesh={show(list(axes))}: an axis name appears twice; give distinct axis names, {example}")
+  if not any(name in DATA_AXES for name in names):
+    raise UserError(f"config.mesh={show(list(axes))}: no data-parallel axis ('data' or 'fsdp'), so every device would "
+                    f"compute the whole batch; add ('data', -1) (or ('data', 1) beside a -1 axis, e.g. [('data', 1), "
+                    f"('model', -1)])")
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -176,3 +203,17 @@ def global_batch(batch: dict[str, Any], mesh: Mesh, stacked: bool = False) -> di
   """Process-local numpy batch -> global arrays split over the data axes (axis 1 when ``stacked``)."""
   sharding = batch_sharding(mesh, leading_axes=1 if stacked else 0)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """The rows ``(lo, hi)`` of a global batch of ``batch_size`` that this process's devices hold
+  (all of them in a single-process run): the share its data pipeline reads."""
+  sharding = batch_sharding(mesh)
+  spans = {(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+           for s in sharding.addressable_devices_indices_map((batch_size,)).values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  covered = sorted(spans)
+  if any(b < a2 for (_, b), (a2, _) in zip(covered, covered[1:])):
+    raise UserError(f"config.mesh={dict(mesh.shape)}: this process's devices hold rows {covered} of the batch, not "
+                    f"one contiguous block; order the mesh axes with the data-parallel ones first")
+  return lo, hi

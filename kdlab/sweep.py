@@ -49,8 +49,9 @@ import numpy as np
 from kdlab import files
 from kdlab import config as kconfig
 from kdlab.errors import UserError
+from kdlab.train.ranges import MAX_SEED
 
-SWEEP_KEYS = ("name", "seeds", "grid", "list", "random", "labels")
+SWEEP_KEYS = ("name", "seeds", "grid", "list", "random", "labels", "slurm")
 DISTRIBUTIONS = ("uniform", "loguniform")
 # summary.json fields in the order results.csv lists them; unknown fields follow, sorted.
 SUMMARY_FIELDS = ("steps", "test_accuracy", "best_test_accuracy", "test_errors", "test_examples", "test_ce",
@@ -200,13 +201,18 @@ def load_sweep_file(spec: str) -> dict[str, Any]:
   file = pathlib.Path(path)
   if not file.is_file():
     raise UserError(f"--sweep: no sweep file {path!r}; pass e.g. --sweep=experiments/temperature_alpha.py")
-  module = kconfig.load_python_file(file, "kdlab_sweep")
-  if not hasattr(module, "get_sweep"):
-    raise UserError(f"--sweep={spec}: defines no get_sweep()")
+  module = kconfig.load_python_file(file, "kdlab_sweep", "--sweep")
+  if not callable(getattr(module, "get_sweep", None)):
+    raise UserError(f"--sweep={spec}: defines no get_sweep(); add one returning the sweep dict (docs/sweeps.md)")
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
+  except UserError:
+    raise
   except (ValueError, KeyError, TypeError) as e:
-    raise UserError(f"--sweep={spec}: get_sweep({arg!r}): {e}") from None
+    raise UserError(f"--sweep={spec}: get_sweep({arg!r}): {kconfig.one_line(str(e))}") from None
+  except Exception as e:  # noqa: BLE001  (a bug in the sweep file: name it, no traceback)
+    raise UserError(f"--sweep={spec}: get_sweep({arg!r}) failed with {kconfig.python_error(e, file)}; "
+                    f"fix {path}") from None
   if not isinstance(sweep, dict):
     raise UserError(f"--sweep={spec}: get_sweep() must return a dict, got {type(sweep).__name__}")
   unknown = sorted(set(sweep) - set(SWEEP_KEYS))
@@ -299,9 +305,9 @@ def _settings_from_spec(spec: dict[str, Any], where: str):
       for key, value in item.items():
         entry = _entry(f"list[{i}]", key)
         paths = _key_paths(key, entry, where)
+        if len(paths) > 1 and (not isinstance(value, (list, tuple)) or len(value) != len(paths)):
+          raise UserError(f"{where}: {entry}: expected a tuple of {len(paths)} values (one per path), got {value!r}")
         values = tuple(value) if len(paths) > 1 else (value,)
-        if len(values) != len(paths):
-          raise UserError(f"{where}: {entry}: expected a tuple of {len(paths)} values (one per path)")
         for p, v in zip(paths, values):
           for q, _ in overrides:
             if _overlap(p, q):
@@ -334,7 +340,10 @@ def _settings_from_spec(spec: dict[str, Any], where: str):
             raise UserError(f"{where}: {entry}: conflicting overrides, {p} is also set by {prev[0]}")
       samplers.append((entry, paths, _sampler(dist, paths, entry, where)))
       axes.append(paths)
-    rng = np.random.default_rng(rnd.get("seed", 0))
+    seed = rnd.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+      raise UserError(f"{where}: random['seed']: must be an int >= 0, got {seed!r}")
+    rng = np.random.default_rng(seed)
     seen_points = set()
     for _ in range(n):
       overrides, sources = [], []
@@ -353,6 +362,8 @@ def _sampler(dist: Any, paths: tuple[str, ...], entry: str, where: str):
   if isinstance(dist, list):
     if not dist:
       raise UserError(f"{where}: {entry}: no choices; give a non-empty list")
+    if len(paths) > 1 and not all(isinstance(c, (list, tuple)) for c in dist):
+      raise UserError(f"{where}: {entry}: each choice is a tuple of {len(paths)} values (one per path)")
     rows = [tuple(c) if len(paths) > 1 else (c,) for c in dist]
     if any(len(r) != len(paths) for r in rows):
       raise UserError(f"{where}: {entry}: each choice is a tuple of {len(paths)} values (one per path)")
@@ -377,6 +388,8 @@ def _seeds(spec: dict[str, Any], where: str) -> list[int]:
     raise UserError(f"{where}: seeds must be a non-empty list of ints, got {seeds!r}")
   if len(set(seeds)) != len(seeds):
     raise UserError(f"{where}: seeds: a seed appears twice in {list(seeds)}")
+  if not all(0 <= s <= MAX_SEED for s in seeds):
+    raise UserError(f"{where}: seeds {list(seeds)}: each must be in [0, {MAX_SEED}]; use e.g. [0, 1, 2]")
   return list(seeds)
 
 
@@ -458,10 +471,17 @@ def plan(config_spec: str, sweep_file: str,
 def check(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
   """Builds every setting's config abstractly (models, objective, data, teacher checkpoints) as ``train``
   would, so a bad setting stops the sweep before any run starts."""
-  from kdlab.train.prepare import prepare  # Lazy: imports JAX.
+  from kdlab.train import loop  # Lazy: imports JAX.
+  from kdlab.train import teachers as teacherlib
+  from kdlab.train.prepare import eval_metric_names, prepare
   for setting in sweep.settings:
+    config = run_config(base, sweep, Run(setting, sweep.seeds[0]))
     try:
-      prepare(run_config(base, sweep, Run(setting, sweep.seeds[0])))
+      setup = prepare(config)
+      if (config.get("checkpoint") or {}).get("best_metric") is not None:  # Needs the teachers' eval metrics.
+        teachers, teacher_vars = teacherlib.load_teachers(setup.teacher_specs, setup.mesh,
+                                                          config.get("sharding_rules") or ())
+        loop.best_checkpoint_metric(config, eval_metric_names(setup, teachers, teacher_vars))
     except UserError as e:
       raise UserError(f"--sweep={sweep.command['sweep']}: setting {setting.name}: {e}") from None
 
@@ -526,16 +546,23 @@ class _Lock:
 
 
 def run_sweep(config_spec: str, sweep_file: str, workdir: str | pathlib.Path, base_overrides: Sequence[str] = (),
-              *, parallel: int = 1, use_wandb: bool = True, worker: bool = False) -> list[str]:
+              *, parallel: int = 1, use_wandb: bool = True, worker: bool = False, launcher: str = "local",
+              slurm: dict[str, Any] | None = None, timeout_s: float | None = None) -> list[str]:
   """Validates, then trains every unfinished run; returns the names of runs that failed.
 
   Runs go in order, each under a lock, so any number of processes can share a
   sweep: one skips the runs another holds. ``parallel`` > 1 starts that many
   worker processes (``python -m kdlab sweep ... --worker``) that do exactly this;
   a worker skips validation (its parent did it), printing and aggregation.
+  ``launcher="slurm"`` (or ``"submitit-local"``) submits the unfinished runs as one
+  job array instead (:mod:`kdlab.launch`; ``slurm``: the ``--slurm_*`` flags given,
+  over the sweep file's ``slurm`` entry; ``parallel``: the array's parallelism).
   """
+  from kdlab import launch
   if parallel < 1:
     raise UserError(f"--parallel={parallel}: must be >= 1")
+  if launcher not in launch.LAUNCHERS:
+    raise UserError(f"--launcher={launcher!r}: use one of {', '.join(launch.LAUNCHERS)}")
   if worker:
     _die_with_parent()
   sweep, base = plan(config_spec, sweep_file, base_overrides)
@@ -545,6 +572,11 @@ def run_sweep(config_spec: str, sweep_file: str, workdir: str | pathlib.Path, ba
     _run_sequential(base, sweep, workdir, list(enumerate(sweep.runs(), 1)), use_wandb, say=_to_stderr, worker=True)
     return []
   check(sweep, base)
+  from kdlab.train.prepare import check_writable_dir  # Lazy: imports JAX (loaded by check already).
+  check_writable_dir(workdir)
+  resources = None
+  if launcher != "local":
+    resources = launch.resources(load_sweep_file(sweep_file).get("slurm"), slurm or {})
 
   # Everything is valid: from here on the workdir is written.
   workdir.mkdir(parents=True, exist_ok=True)
@@ -555,7 +587,10 @@ def run_sweep(config_spec: str, sweep_file: str, workdir: str | pathlib.Path, ba
   say = lambda *a: print(*a, flush=True)
   say(f"sweep {sweep.name}: {len(sweep.settings)} settings x {len(sweep.seeds)} seeds = {len(runs)} runs "
       f"in {workdir}; {len(runs) - len(todo)} finished earlier" + (f"; {workers} workers" if workers > 1 else ""))
-  if workers > 1:
+  if resources is not None:
+    failed = _run_array(base, sweep, workdir, todo, len(runs), use_wandb, say, launcher, resources, parallel,
+                        timeout_s)
+  elif workers > 1:
     failed = _run_parallel(config_spec, sweep_file, workdir, base_overrides, todo, len(runs), workers, use_wandb, say)
   else:
     failed = _run_sequential(base, sweep, workdir, todo, use_wandb, say)
@@ -661,6 +696,32 @@ def _run_parallel(config_spec, sweep_file, workdir: pathlib.Path, base_overrides
   failed = [run.name for _, run in todo if not finished(workdir, run)]
   for name in failed:
     say(f"{name}: FAILED (its worker's error is above)")
+  return failed
+
+
+def _run_array(base, sweep: Sweep, workdir: pathlib.Path, todo, total: int, use_wandb: bool, say, launcher: str,
+               resources: Any, parallel: int, timeout_s: float | None) -> list[str]:
+  """The runs of ``todo`` as one submitit job array (:func:`kdlab.launch.submit`); prints each result."""
+  from kdlab import distributed, launch
+  if not todo:
+    return []
+  tasks = [launch.RunTask(run_config(base, sweep, run), str(workdir / run.name), run.name, use_wandb,
+                          distributed.DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s) for _, run in todo]
+  index = {run.name: (i, run) for i, run in todo}
+  say(f"submitted {len(tasks)} runs as a job array ({launcher}: {resources.nodes} node(s) x "
+      f"{resources.gpus_per_node} GPU(s) each, {resources.time_min} min); job logs in {workdir / 'submitit'}")
+  failed: list[str] = []
+
+  def done(name: str, error: BaseException | None) -> None:
+    i, run = index[name]
+    if error is None and finished(workdir, run):
+      say(f"[{i}/{total}] {name}: {_result_line(workdir, run)}")
+    else:
+      failed.append(name)
+      what = "" if error is None else str(error).strip().splitlines()[-1][:300]
+      say(f"[{i}/{total}] {name}: FAILED: {what} (job log in {workdir / 'submitit'})")
+
+  launch.submit(tasks, launcher, resources, workdir / "submitit", parallel, done)
   return failed
 
 

@@ -15,6 +15,20 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 HINTON = str(ROOT / "configs" / "hinton_mnist.py")
 
 
+def _hypothesis_profiles() -> None:
+  """tests/test_fuzz.py's settings: ``ci`` (loaded here: a fixed seed, sized for CI) and ``long``
+  (``pytest --hypothesis-profile=long``). Registered here because the plugin loads a profile before
+  test modules are imported."""
+  from hypothesis import HealthCheck, settings
+  common = dict(deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+  settings.register_profile("ci", max_examples=300, derandomize=True, **common)
+  settings.register_profile("long", max_examples=3000, derandomize=False, **common)
+  settings.load_profile("ci")
+
+
+_hypothesis_profiles()
+
+
 def kdlab_cmd(*args: str) -> list[str]:
   return [sys.executable, "-m", "kdlab", *args]
 
@@ -153,7 +167,7 @@ def assert_same_arrays(actual: dict, expected: dict) -> None:
 
 
 def random_gpt_run(root: pathlib.Path, *, sharpen: float = 50.0, seed: int = 3, **model) -> pathlib.Path:
-  """A finished-run folder (``config.json``, ``checkpoints/``) of a randomly initialized 1-layer gpt
+  """A finished-run folder (``config.json``, ``checkpoints/``, ``summary.json``) of a randomly initialized 1-layer gpt
   (vocab 256, ``max_len`` 32, as ``lm_pysrc.py`` quick; ``model`` overrides these), its logits scaled up
   by ``sharpen`` so that they are peaked (a teacher worth distilling; no training needed). Returns the
   checkpoints folder."""
@@ -169,4 +183,10 @@ def random_gpt_run(root: pathlib.Path, *, sharpen: float = 50.0, seed: int = 3, 
   ckpt.save(1, state, {})
   ckpt.close()
   (root / "config.json").write_text(json.dumps({"model": spec}))
+  mark_finished(root)
   return root / "checkpoints"
+
+
+def mark_finished(run: pathlib.Path) -> None:
+  """Makes the run folder ``run`` count as finished (a ``summary.json``): teachers must come from finished runs."""
+  (run / "summary.json").write_text(json.dumps({"steps": 1}))

@@ -1,9 +1,11 @@
 """configs/cifar100_crd.py: the CRD / DKD CIFAR-100 benchmark as configs, on mock CIFAR-100.
 
-Every method trains 2 steps on one pair of the table and every pair trains 2 steps with KD
-(``tfds.testing.mock_data``; real model sizes, batch 8). Teachers are randomly initialised and
-saved directly (one is trained by its own variant). The full pairs x methods product is
-``paper_repro/crd2019/check_all.py``.
+Every method trains 2 steps on one pair of the table; every pair is built (its student, its teacher
+read from a checkpoint, the objective on their shapes) and three of them (same-architecture,
+cross-architecture, and the one whose teacher was trained by its variant) train 2 steps with KD
+(``tfds.testing.mock_data``; real model sizes, batch 8). Compiling these CIFAR networks costs 30-100 s
+per pair on 2 cores, hence three: every model's forward and backward are tests/test_zoo.py's.
+Teachers are randomly initialised and saved directly (one is trained by its own variant).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kdlab.train.checkpoint import Checkpointer
 from kdlab.train.loop import train
 from kdlab.train.state import Learner, init_state
 
-from conftest import ROOT
+from conftest import ROOT, mark_finished
 
 CONFIG = ROOT / "configs" / "cifar100_crd.py"
 crd = load_python_file(CONFIG, "test_cifar100_crd")
@@ -47,6 +49,7 @@ def save_random_teacher(name: str, root: pathlib.Path) -> str:
   ckpt = Checkpointer(root / "checkpoints")
   ckpt.save(1, state, {})
   ckpt.close()
+  mark_finished(root)
   return str(root / "checkpoints")
 
 
@@ -124,7 +127,19 @@ def test_every_method_trains_two_steps(method, teacher_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("pair", [p for p in crd.PAIRS if p != METHOD_PAIR], ids="-".join)
-def test_every_pair_trains_kd_two_steps(pair, teacher_dirs, tmp_path):
+def test_every_pair_builds_with_its_teacher_checkpoint(pair, teacher_dirs):
+  from kdlab.train.prepare import prepare
+  from kdlab.train.teachers import load_teachers
+  teacher, student = pair
+  setup = prepare(_config(f"{teacher}-{student}-kd,mock,teacher={teacher_dirs(teacher)}"))
+  assert setup.config.model.name == student and setup.teacher_specs[0]["model"]["name"] == teacher
+  assert setup.shapes.student.logits.shape[-1] == setup.shapes.teachers[0].logits.shape[-1] == 100
+  _, variables = load_teachers(setup.teacher_specs, setup.mesh)
+  assert jax.tree.leaves(variables)
+
+
+@pytest.mark.parametrize("pair", [("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("ResNet50", "vgg8")], ids="-".join)
+def test_pairs_train_kd_two_steps(pair, teacher_dirs, tmp_path):
   _train_cell(*pair, "kd", teacher_dirs, tmp_path)
 
 

@@ -4,7 +4,7 @@ import tensorflow_datasets as tfds
 
 from kdlab import cli
 from kdlab.data import eval_batches, load, train_dataset
-from kdlab.data.augment import crop_flip, jitter, shift
+from kdlab.data.augment import AUGMENTATIONS, augment_rows, crop_flip, shift
 from kdlab.errors import UserError
 
 from conftest import HINTON
@@ -70,14 +70,18 @@ def test_shift_moves_the_image_and_fills_zeros():
   assert moved[1, 0, 0] == img[0, 1, 0] and np.all(moved[0] == 0) and np.all(moved[:, -1] == 0)
   for dy, dx in OFFSETS:
     assert np.array_equal(shift(img, dy, dx), _shifted(img, dy, dx))
-  assert crop_flip(np.ones((8, 8, 3), np.uint8), np.random.default_rng(0), padding=2).shape == (8, 8, 3)
+  img3 = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+  assert np.array_equal(crop_flip(img3, 2, 2, False, padding=2), img3)
+  assert np.array_equal(crop_flip(img3, 2, 2, True, padding=2), img3[:, ::-1])
+  assert np.array_equal(crop_flip(img3, 3, 1, False, padding=2), _shifted(img3, -1, 1))
 
 
 def test_jitter_translates_by_a_random_offset_of_at_most_max_shift():
   img = np.random.default_rng(1).integers(1, 256, (7, 6, 1), dtype=np.uint8)  # No zeros: every offset differs.
   seen = []
+  jitter = AUGMENTATIONS["jitter"]
   for seed in range(40):
-    out = jitter(img, np.random.default_rng(seed), max_shift=2)
+    out = jitter.apply(img, jitter.draw(np.random.default_rng(seed), 1)[0])
     offsets = [o for o in OFFSETS if np.array_equal(out, _shifted(img, *o))]
     assert len(offsets) == 1, seed
     seen += offsets
@@ -96,6 +100,29 @@ def test_jitter_augmentation_moves_training_images_of_the_pipeline():
     assert matches, i  # Every image is its source image translated by at most 2 pixels.
     moved += (0, 0) not in matches
   assert moved >= 32
+
+
+def test_a_share_of_the_rows_is_read_and_augmented_as_the_whole_batch_has_them():
+  """Each process of a multi-process run reads rows (lo, hi) of every global batch: the same examples
+  and the same augmented views as those rows of the whole batch, and only those are gathered."""
+  source = load("digits", "train")
+  for augment in (None, "jitter"):
+    whole = train_dataset(source, batch_size=32, seed=4, augment=augment)
+    parts = [train_dataset(source, batch_size=32, seed=4, augment=augment, rows=(lo, lo + 8)) for lo in (0, 8, 16, 24)]
+    for step in (0, 1, 57):
+      for k in ("image", "label", "index"):
+        assert np.array_equal(np.concatenate([p[step][k] for p in parts]), whole[step][k]), (augment, step, k)
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, (4, 6, 6, 1), dtype=np.uint8)
+  full = augment_rows(AUGMENTATIONS["crop_flip"], np.concatenate([images] * 2), np.random.default_rng(3), 8, 0)
+  assert np.array_equal(augment_rows(AUGMENTATIONS["crop_flip"], images, np.random.default_rng(3), 8, 4), full[4:])
+  evals = list(eval_batches(source, batch_size=48))
+  shares = [list(eval_batches(source, batch_size=48, rows=(lo, lo + 24))) for lo in (0, 24)]
+  assert len(evals) == len(shares[0]) == len(shares[1])
+  for i, batch in enumerate(evals):
+    for k in batch:
+      assert np.array_equal(np.concatenate([shares[0][i][k], shares[1][i][k]]), batch[k]), (i, k)
+  assert not evals[-1]["mask"].all()  # The last batch is padded, and its padding split the same way.
 
 
 def test_pipeline_is_deterministic_and_resumable():

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The layer order, bottom first: a module may import from its own layer and the ones before it.
 LAYERS = (
-    ("base", ("kdlab.errors", "kdlab.config", "kdlab.files", "kdlab.mesh")),
+    ("base", ("kdlab.errors", "kdlab.config", "kdlab.files", "kdlab.mesh", "kdlab.distributed",
+              "kdlab.stderr_filter")),
     ("losses", ("kdlab.losses",)),
     ("models", ("kdlab.models", "kdlab.ops")),
     ("objective", ("kdlab.objective",)),
@@ -24,7 +25,7 @@ LAYERS = (
     ("sampling", ("kdlab.sampling",)),
     ("train", ("kdlab.train",)),
     ("offline", ("kdlab.offline",)),
-    ("experiments", ("kdlab.sweep", "kdlab.report", "kdlab.repro")),
+    ("experiments", ("kdlab.sweep", "kdlab.launch", "kdlab.report", "kdlab.repro")),
     ("cli", ("kdlab.cli", "kdlab.__main__", "kdlab")),
 )
 

@@ -15,7 +15,7 @@ from kdlab.train import checkpoint
 from kdlab.train.prepare import prepare
 from kdlab.train.loop import train
 
-from conftest import HINTON, ROOT, random_gpt_run, read_jsonl
+from conftest import HINTON, ROOT, mark_finished, random_gpt_run, read_jsonl
 
 LM = str(ROOT / "configs" / "lm_pysrc.py")
 
@@ -192,6 +192,7 @@ def _fake_teacher(root: pathlib.Path, **model) -> pathlib.Path:
   (root / "checkpoints" / "1").mkdir(parents=True)
   spec = {**dict(name="gpt", vocab_size=256, d_model=32, num_layers=1, num_heads=2, max_len=32), **model}
   (root / "config.json").write_text(json.dumps({"model": spec}))
+  mark_finished(root)
   return root / "checkpoints"
 
 

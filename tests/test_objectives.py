@@ -10,6 +10,8 @@ from kdlab import losses, objective as objectives
 from kdlab.errors import UserError
 from kdlab.objective import ModelOutput, Shapes, StepInputs
 
+from conftest import mark_finished
+
 
 def _shapes(batch=4, classes=5, teacher_classes=5):
   s = ModelOutput(jax.ShapeDtypeStruct((batch, classes), jnp.float32),
@@ -102,6 +104,7 @@ def _teacher_dir(root, model: dict):
   """A teacher run folder: config.json and a checkpoint step (start-up reads only the config)."""
   (root / "checkpoints" / "1").mkdir(parents=True)
   (root / "config.json").write_text(json.dumps({"model": model}))
+  mark_finished(root)
   return str(root / "checkpoints")
 
 

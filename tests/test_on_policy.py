@@ -28,7 +28,7 @@ from kdlab.train import checkpoint, on_policy
 from kdlab.train.loop import train
 from kdlab.train.state import Learner, init_state, split_learner
 
-from conftest import ROOT, read_jsonl, tree_snapshot
+from conftest import ROOT, mark_finished, read_jsonl, tree_snapshot
 
 LM = str(ROOT / "configs" / "lm_pysrc.py")
 GKD = str(ROOT / "configs" / "lm_gkd.py")
@@ -70,6 +70,7 @@ def teacher(tmp_path_factory) -> pathlib.Path:
   ckpt = checkpoint.Checkpointer(root / "checkpoints")
   ckpt.save(1, state, {})
   ckpt.close()
+  mark_finished(root)
   return root / "checkpoints"
 
 
@@ -214,6 +215,7 @@ def _fake_teacher(root: pathlib.Path) -> pathlib.Path:
   (root / "checkpoints" / "1").mkdir(parents=True)
   spec = dict(name="gpt", vocab_size=256, d_model=32, num_layers=1, num_heads=2, max_len=32)
   (root / "config.json").write_text(json.dumps({"model": spec}))
+  mark_finished(root)
   return root / "checkpoints"
 
 

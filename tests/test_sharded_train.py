@@ -161,7 +161,7 @@ def test_sharded_resumed_run_logs_the_single_device_losses(sharded, teacher, tmp
 @pytest.mark.parametrize("devices, mesh, rules, message", [
     (1, "[('data', -1)]", "[('vocab', 'model')]",
      "config.sharding_rules: ('vocab', 'model') names mesh axis 'model', which config.mesh {'data': 1} lacks"),
-    (3, "[('model', 3)]", "[('vocab', 'model')]",
+    (3, "[('data', 1), ('model', 3)]", "[('vocab', 'model')]",
      "config.teachers[0].model parameter embed/embedding [256, 32]: its 'vocab' dimension 256 is not divisible "
      "by mesh axis 'model' of size 3; change config.mesh or the rule for 'vocab'"),
 ])

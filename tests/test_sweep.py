@@ -221,7 +221,7 @@ def test_a_failing_run_does_not_stop_the_sweep_which_exits_1_and_a_rerun_retries
   jax.effects_barrier()
   out, err = capsys.readouterr()
   assert _trained(out) == [bad, good], out  # The diverging run comes first; the next one still trains.
-  assert f"[1/2] {bad}: FAILED: FloatingPointError" in out
+  assert f"[1/2] {bad}: FAILED: Diverged: " in out
   assert err.strip().splitlines()[-1].startswith(f"kdlab: error: 1 run(s) failed: {bad}; ")
   assert _finished(workdir) == [good] and "1 of 2 runs finished" in (workdir / "results.md").read_text()
   assert [(r["run"], r["finished"]) for r in csv.DictReader((workdir / "results.csv").open())] == [

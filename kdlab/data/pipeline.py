@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from kdlab.data.augment import AUGMENTATIONS
+from kdlab.data.augment import AUGMENTATIONS, augment_rows
 from kdlab.data.sources import ArrayRecords, Source
 from kdlab.data.text import TextSource
 from kdlab.errors import UserError
@@ -53,11 +53,13 @@ class EpochBatches:
 
   ``[i]`` is batch ``i % steps_per_epoch`` of epoch ``i // steps_per_epoch``,
   from a permutation seeded by ``(seed, epoch)``: deterministic and cheap to
-  resume anywhere.
+  resume anywhere. With ``rows=(lo, hi)`` only those rows of each global batch of
+  ``batch_size`` (one process's share of a multi-process run).
   """
 
-  def __init__(self, num_examples: int, batch_size: int, seed: int):
+  def __init__(self, num_examples: int, batch_size: int, seed: int, rows: tuple[int, int] | None = None):
     self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+    self.rows = rows or (0, batch_size)
     self.steps_per_epoch = num_examples // batch_size
     self._epoch, self._perm = -1, np.empty(0, np.int64)
 
@@ -68,40 +70,55 @@ class EpochBatches:
     epoch, j = divmod(int(i), self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-    return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+    lo, hi = self.rows
+    return self._perm[j * self.batch_size + lo:j * self.batch_size + hi]
 
 
 def train_dataset(source: Source, *, batch_size: int, seed: int, augment: str | None = None,
-                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> grain.MapDataset:
+                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+                  rows: tuple[int, int] | None = None) -> grain.MapDataset:
   """Endless training batches: reshuffled every epoch, gathered, augmented, normalized.
 
   Random access by batch number makes the pipeline deterministic per ``seed``;
-  its iterator's ``get_state()`` is saved with each checkpoint.
+  its iterator's ``get_state()`` is saved with each checkpoint. ``rows=(lo, hi)``:
+  only those rows of every global batch are read and augmented, exactly as the whole
+  batch would have them.
   """
   if augment is not None and augment not in AUGMENTATIONS:
     raise UserError(f"data.augment: unknown augmentation {augment!r}; "
                     f"choose one of {sorted(AUGMENTATIONS)} or None")
   if batch_size > len(source):
     raise UserError(f"data.batch_size={batch_size} is larger than the training set ({len(source)} examples)")
-  ds = grain.MapDataset.source(EpochBatches(len(source), batch_size, seed))
-  ds = ds.map(lambda indices: gather(source, indices))
+  batches = EpochBatches(len(source), batch_size, seed, rows)
+  ds = grain.MapDataset.source(batches).map(lambda indices: gather(source, indices))
   if augment is not None:
-    fn = AUGMENTATIONS[augment]
-    ds = ds.random_map(lambda b, rng: {**b, "image": np.stack([fn(im, rng) for im in b["image"]])}, seed=seed + 1)
+    augmentation = AUGMENTATIONS[augment]
+    ds = ds.map_with_index(lambda i, b: {**b, "image": augment_rows(
+        augmentation, b["image"], np.random.default_rng([seed + 1, i]), batch_size, batches.rows[0])})
   return ds.map(Normalize(mean, std))
 
 
+def _pad_rows(rows: tuple[int, int], start: int, end: int, gather_fn: Any) -> dict[str, np.ndarray]:
+  """Rows ``rows`` of the eval batch starting at split position ``start``; positions at or past ``end``
+  (the split's size) are zero padding (``mask=False``)."""
+  positions = np.arange(start + rows[0], start + rows[1])
+  batch = gather_fn(np.minimum(positions, end - 1))
+  padding = positions >= end
+  if padding.any():
+    batch = {k: np.where(padding.reshape((-1,) + (1,) * (v.ndim - 1)), np.zeros((), v.dtype), v)
+             for k, v in batch.items()}
+  return batch
+
+
 def eval_batches(source: Source, *, batch_size: int, mean: Sequence[float] = (0.0,),
-                 std: Sequence[float] = (1.0,)) -> Iterator[dict[str, np.ndarray]]:
-  """The whole split in order, in fixed-size batches; the last is padded with ``mask=False``."""
+                 std: Sequence[float] = (1.0,), rows: tuple[int, int] | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """The whole split in order, in fixed-size batches; the last is padded with ``mask=False``.
+  ``rows=(lo, hi)``: only those rows of each batch (one process's share)."""
   normalize = Normalize(mean, std)
   for start in range(0, len(source), batch_size):
-    batch = normalize(gather(source, np.arange(start, min(start + batch_size, len(source)))))
-    n = len(batch["label"])
-    if n < batch_size:
-      batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
-    yield batch
+    yield normalize(_pad_rows(rows or (0, batch_size), start, len(source),
+                              lambda indices: gather(source, indices)))
 
 
 def gather_text(source: TextSource, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -112,20 +129,18 @@ def gather_text(source: TextSource, indices: np.ndarray) -> dict[str, np.ndarray
           "mask": np.ones(len(indices), bool)}
 
 
-def text_train_dataset(source: TextSource, *, batch_size: int, seed: int) -> grain.MapDataset:
-  """Endless training batches of sequences, reshuffled every epoch (as :func:`train_dataset`)."""
+def text_train_dataset(source: TextSource, *, batch_size: int, seed: int, rows: tuple[int, int] | None = None
+                       ) -> grain.MapDataset:
+  """Endless training batches of sequences, reshuffled every epoch (as :func:`train_dataset`, ``rows`` too)."""
   if batch_size > len(source):
     raise UserError(f"data.batch_size={batch_size} is larger than the training set ({len(source)} sequences)")
-  ds = grain.MapDataset.source(EpochBatches(len(source), batch_size, seed))
+  ds = grain.MapDataset.source(EpochBatches(len(source), batch_size, seed, rows))
   return ds.map(lambda indices: gather_text(source, indices))
 
 
-def text_eval_batches(source: TextSource, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """The whole split in order; the last batch is padded with ``mask=False``, ``token_mask=0``."""
+def text_eval_batches(source: TextSource, *, batch_size: int, rows: tuple[int, int] | None = None
+                      ) -> Iterator[dict[str, np.ndarray]]:
+  """The whole split in order; the last batch is padded with ``mask=False``, ``token_mask=0``
+  (``rows`` as in :func:`eval_batches`)."""
   for start in range(0, len(source), batch_size):
-    batch = gather_text(source, np.arange(start, min(start + batch_size, len(source))))
-    n = len(batch["mask"])
-    if n < batch_size:
-      batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
-    yield batch
+    yield _pad_rows(rows or (0, batch_size), start, len(source), lambda indices: gather_text(source, indices))

@@ -13,14 +13,15 @@ ensemble (mean of probabilities) of generations 1..K, as in the paper.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Callable
 
 import ml_collections
 from flax import nnx
 
+from kdlab import distributed
 from kdlab.errors import UserError
+from kdlab.files import write_json
 from kdlab.objective import build as build_objective
 from kdlab.train.evaluate import evaluate_ensemble
 from kdlab.train.prepare import check_workdir, prepare
@@ -61,8 +62,10 @@ def train_chain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
   config_json = config.to_json(indent=2, sort_keys=True)
   check_workdir(workdir, config_json)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config_json)
+  distributed.agree(None)  # Several processes: all validated before the chain's first write.
+  if distributed.is_writer():
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config_json)
   summaries = []
   for k in range(generations + 1):
     summaries.append(train_run(generation_config(config, workdir, k), workdir / f"gen{k}",
@@ -80,5 +83,6 @@ def train_chain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     ensemble = evaluate_ensemble(members, generation_config(config, workdir, 0))
     summary["ensemble_test_accuracy"] = ensemble["test/accuracy"]
     summary["ensemble_test_errors"] = int(ensemble["test/errors"])
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if distributed.is_writer():
+    write_json(workdir / "summary.json", summary)
   return summary

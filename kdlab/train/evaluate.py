@@ -1,7 +1,7 @@
 """Evaluation: a student's metrics over the eval split, a finished run's checkpoint, an ensemble of runs.
 
-One loop (:func:`eval_totals`) feeds every eval batch, as global arrays on the mesh, to a jitted
-eval step and sums its ``(sum, count)`` metrics.
+One loop (:func:`eval_totals`) feeds every eval batch, as global arrays on the mesh (each process
+reading its rows), to a jitted eval step and sums its ``(sum, count)`` metrics.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from kdlab.train.step import accumulate, make_eval_step, reduce_metrics, run_tea
 def eval_totals(step: Callable[[dict[str, jax.Array]], Any], setup: Setup) -> dict[str, Any]:
   """The summed ``(sum, count)`` metrics of ``step(batch)`` over every eval batch of ``setup``."""
   totals: dict[str, Any] = {}
-  for batch in setup.task.eval_batches(setup.test_source, setup.config.data):
+  rows = meshlib.process_rows(setup.mesh, setup.config.data.eval_batch_size)  # This process's share.
+  for batch in setup.task.eval_batches(setup.test_source, setup.config.data, rows=rows):
     totals = accumulate(totals, step(meshlib.global_batch(batch, setup.mesh)))
   return totals
 

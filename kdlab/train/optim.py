@@ -19,6 +19,7 @@ Fields:
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from typing import Any, Callable, Mapping
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdlab.config import show
 from kdlab.errors import UserError
 
 # Optimizer keywords with a fixed valid range, checked at start-up (the rest only by type).
@@ -50,7 +52,7 @@ def learning_rate(cfg: Mapping[str, Any], steps_per_epoch: int, total_steps: int
                   for e in cfg.get("boundaries_epochs", ())}
     main = optax.piecewise_constant_schedule(lr, boundaries)
   else:
-    raise UserError(f"config.optimizer.schedule: unknown schedule {kind!r}; use constant, cosine or piecewise")
+    raise UserError(f"config.optimizer.schedule: unknown schedule {show(kind)}; use constant, cosine or piecewise")
   if warmup:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
   return main
@@ -66,18 +68,20 @@ def make(cfg: Mapping[str, Any], steps_per_epoch: int, total_steps: int) -> opta
   name = cfg.get("name", "sgd")
   fn = _optimizer_fn(name)
   params = inspect.signature(fn).parameters
-  if not isinstance(cfg.get("learning_rate"), numbers.Real) or isinstance(cfg.get("learning_rate"), bool) \
-      or float(cfg["learning_rate"]) <= 0:
-    raise UserError(f"config.optimizer.learning_rate must be > 0, got {cfg.get('learning_rate')!r}")
+  if not _real(cfg.get("learning_rate")) or not 0 < cfg["learning_rate"] < math.inf:
+    raise UserError(f"config.optimizer.learning_rate must be > 0, got {show(cfg.get('learning_rate'))}; "
+                    f"use e.g. 0.1 (sgd) or 1e-3 (adam)")
+  _check_schedule_fields(cfg)
   lr = learning_rate(cfg, steps_per_epoch, total_steps)
   wd = cfg.get("weight_decay", 0.0)
-  if isinstance(wd, bool) or not isinstance(wd, numbers.Real) or wd < 0:
-    raise UserError(f"config.optimizer.weight_decay must be a number >= 0, got {wd!r}")
+  if not _real(wd) or not 0 <= wd < math.inf:
+    raise UserError(f"config.optimizer.weight_decay must be a number >= 0, got {show(wd)}; use e.g. 5e-4 (0: none)")
   wd = float(wd)
   kwargs = _kwargs(cfg.get("kwargs"), name, params)
   clip = _clip(cfg.get("clip_grad_norm"))
 
   coupled_decay = False
+  _check_sgd_fields(cfg)
   try:
     if name == "sgd":
       opt = optax.sgd(lr, momentum=cfg.get("momentum", 0.9) or None, nesterov=bool(cfg.get("nesterov", False)),
@@ -104,6 +108,37 @@ def make(cfg: Mapping[str, Any], steps_per_epoch: int, total_steps: int) -> opta
   return tx
 
 
+def _real(value: Any) -> bool:
+  return not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value
+
+
+def _check_schedule_fields(cfg: Mapping[str, Any]) -> None:
+  """``warmup_epochs`` >= 0; ``decay`` > 0 and ``boundaries_epochs`` numbers >= 0 (``piecewise``)."""
+  warmup = cfg.get("warmup_epochs", 0)
+  if not _real(warmup) or warmup < 0:
+    raise UserError(f"config.optimizer.warmup_epochs={show(warmup)}: must be a number >= 0 (epochs of linear warm-up); "
+                    f"use e.g. 0.0")
+  decay = cfg.get("decay", 0.1)
+  if not _real(decay) or decay <= 0:
+    raise UserError(f"config.optimizer.decay={show(decay)}: must be a number > 0 (the piecewise schedule's factor at "
+                    f"each boundary); use e.g. 0.1")
+  boundaries = cfg.get("boundaries_epochs", ())
+  if not isinstance(boundaries, (list, tuple)) or not all(_real(b) and b >= 0 for b in boundaries):
+    raise UserError(f"config.optimizer.boundaries_epochs={show(boundaries)}: must be a list of epochs >= 0 (where the "
+                    f"piecewise schedule decays); use e.g. [30, 60]")
+
+
+def _check_sgd_fields(cfg: Mapping[str, Any]) -> None:
+  """sgd's ``momentum`` (None: none) in [0, 1) and ``nesterov`` a bool (checked whatever the optimizer)."""
+  momentum = cfg.get("momentum", 0.9)
+  if momentum is not None and (not _real(momentum) or not 0 <= momentum < 1):
+    raise UserError(f"config.optimizer.momentum={show(momentum)}: must be a number in [0, 1) (0 or None: plain SGD); "
+                    f"use e.g. 0.9")
+  nesterov = cfg.get("nesterov", False)
+  if not isinstance(nesterov, bool):
+    raise UserError(f"config.optimizer.nesterov={show(nesterov)}: use True or False")
+
+
 def _optimizer_fn(name: Any) -> Callable[..., Any]:
   """``optax.<name>`` if it is an optimizer function (it takes a ``learning_rate``)."""
   fix = "use an optax optimizer name such as sgd, adam, adamw, lion, lamb, adafactor or adabelief"
@@ -128,7 +163,7 @@ def _kwargs(raw: Any, name: str, params: Mapping[str, inspect.Parameter]) -> dic
   if hasattr(raw, "to_dict"):  # an ml_collections.ConfigDict
     raw = raw.to_dict()
   if not isinstance(raw, Mapping):
-    raise UserError(f"config.optimizer.kwargs must be a dict of optax.{name}'s keyword arguments, got {raw!r}")
+    raise UserError(f"config.optimizer.kwargs must be a dict of optax.{name}'s keyword arguments, got {show(raw)}")
   kwargs = dict(raw)
   accepted = [p for p in params if p not in _OWN_FIELDS]
   for key, value in kwargs.items():
@@ -141,14 +176,14 @@ def _kwargs(raw: Any, name: str, params: Mapping[str, inspect.Parameter]) -> dic
       raise UserError(f"{field}: optax.{name} takes no argument {key!r}; it takes {', '.join(accepted)}")
     default = params[key].default
     if isinstance(default, bool) and not isinstance(value, bool):
-      raise UserError(f"{field}={value!r}: expected True or False")
+      raise UserError(f"{field}={show(value)}: expected True or False")
     if isinstance(default, numbers.Real) and not isinstance(default, bool) \
         and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-      raise UserError(f"{field}={value!r}: expected a number like the default {default!r}")
+      raise UserError(f"{field}={show(value)}: expected a number like the default {default!r}")
     if key in _UNIT_INTERVAL and isinstance(value, numbers.Real) and not 0 <= value < 1:
-      raise UserError(f"{field}={value!r}: must be in [0, 1)")
+      raise UserError(f"{field}={show(value)}: must be in [0, 1)")
     if key in _NON_NEGATIVE and isinstance(value, numbers.Real) and value < 0:
-      raise UserError(f"{field}={value!r}: must be >= 0")
+      raise UserError(f"{field}={show(value)}: must be >= 0")
   return kwargs
 
 
@@ -156,7 +191,7 @@ def _clip(value: Any) -> float | None:
   if value is None:
     return None
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-    raise UserError(f"config.optimizer.clip_grad_norm={value!r}: use a number > 0 (the largest global gradient "
+    raise UserError(f"config.optimizer.clip_grad_norm={show(value)}: use a number > 0 (the largest global gradient "
                     f"L2 norm) or None for no clipping")
   return float(value)
 

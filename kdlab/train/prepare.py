@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import pathlib
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from kdlab import mesh as meshlib
+from kdlab.config import one_line, show
 from kdlab.errors import UserError
 from kdlab.models.protocol import OnRequestTaps
 from kdlab.objective import ModelOutput, Objective, Shapes, build as build_objective, make_schedule
-from kdlab.train import on_policy, optim, student_init, tasks
+from kdlab.train import on_policy, optim, ranges, student_init, tasks
 from kdlab.train import teachers as teacherlib
-from kdlab.train.state import Learner
-from kdlab.train.step import check_microbatches, forward
+from kdlab.train.state import Learner, TrainState, split_learner
+from kdlab.train.step import check_microbatches, forward, make_eval_step
 
 
 @dataclasses.dataclass
@@ -94,6 +98,7 @@ def prepare(config: ml_collections.ConfigDict, *, need_weights: bool = True) -> 
 
   ``need_weights=False`` (``kdlab plan``) accepts teachers whose checkpoints do not exist yet.
   """
+  ranges.check(config)
   mesh = meshlib.make_mesh(config.mesh)
   data_cfg = config.data
   meshlib.check_batch_size(data_cfg.batch_size, mesh)
@@ -105,7 +110,7 @@ def prepare(config: ml_collections.ConfigDict, *, need_weights: bool = True) -> 
     raise UserError(f"config.data.batch_size={data_cfg.batch_size} exceeds the {len(train_source)} training examples")
   threads = data_cfg.get("prefetch_threads", 0)
   if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-    raise UserError(f"config.data.prefetch_threads={threads!r}: use a whole number >= 0 (0: no prefetch threads)")
+    raise UserError(f"config.data.prefetch_threads={show(threads)}: use a whole number >= 0 (0: no prefetch threads)")
 
   student_kwargs = teacherlib.model_kwargs(config.model, "config.model")
   student_kwargs.update(teacherlib.precision_kwargs(config, student_kwargs, "config"))
@@ -125,10 +130,11 @@ def prepare(config: ml_collections.ConfigDict, *, need_weights: bool = True) -> 
   batch = task.abstract_batch(train_source, data_cfg.batch_size)
   x = batch[task.input_key]
   requested = _requested_taps(config.objective)
-  s_out, student_taps = _abstract_output(student, x, requested)
+  s_out, student_taps = _fitted_output(student, student_kwargs, x, requested, "config.model", data_cfg.source)
   t_outs = []
-  for spec, teacher in zip(teacher_specs, teachers):
-    t_out, spec["taps"] = _abstract_output(teacher, x, requested)
+  for i, (spec, teacher) in enumerate(zip(teacher_specs, teachers)):
+    t_out, spec["taps"] = _fitted_output(teacher, spec["model"], x, requested, f"config.teachers[{i}]",
+                                     data_cfg.source)
     t_outs.append(t_out)
   # Teacher and student of one tokenizer, embeddings padded to different sizes: compare the common columns.
   vocab = teacherlib.common_vocab(config, teacher_specs, s_out, t_outs)
@@ -155,11 +161,9 @@ def prepare(config: ml_collections.ConfigDict, *, need_weights: bool = True) -> 
   steps_per_epoch = len(train_source) // data_cfg.batch_size
   total_steps = config.train.get("num_steps") or int(config.train.num_epochs * steps_per_epoch)
   if total_steps <= 0:
-    raise UserError("config.train.num_epochs (or num_steps) must be > 0")
+    raise UserError(f"config.train.num_epochs={config.train.num_epochs!r}: {steps_per_epoch} steps per epoch make "
+                    f"{total_steps} training steps; use more epochs or set config.train.num_steps > 0")
   optim.make(config.optimizer, steps_per_epoch, total_steps)  # Validates the optimizer fields.
-  warmup = config.get("connector_warmup_steps", 0)
-  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-    raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {warmup!r}")
   connectors = objective.connectors()
 
   def make_learner() -> Learner:
@@ -170,6 +174,47 @@ def prepare(config: ml_collections.ConfigDict, *, need_weights: bool = True) -> 
   return Setup(config, mesh, train_source, test_source, student_kwargs, teacher_specs, objective, learner,
                steps_per_epoch, total_steps, ema_decay, shapes, task, int(s_out.logits.shape[-1]), student_taps,
                objective_teachers, cache, param_shardings, make_learner, init, student_vocab)
+
+
+def eval_metric_names(setup: Setup, teachers: Sequence[Any], teacher_vars: Sequence[Any]) -> list[str]:
+  """The names of the eval metrics a run of ``setup`` logs (``test/accuracy``, ...), traced abstractly
+  (nothing runs) with its teachers (:func:`kdlab.train.teachers.load_teachers`); e.g. to check
+  ``config.checkpoint.best_metric`` before anything is written."""
+  graphdef, params, rest = split_learner(setup.learner)
+  eval_step = make_eval_step(graphdef, teachers, setup.task, setup.student_vocab)
+  batch = next(iter(setup.task.eval_batches(setup.test_source, setup.config.data)))
+
+  def metrics(params, rest, teacher_vars, batch):
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state={}, term_states={},
+                       key=jnp.zeros((2,), jnp.uint32))
+    return eval_step(state, teacher_vars, batch, jnp.zeros((setup.num_outputs,), jnp.float32))
+
+  shapes = jax.eval_shape(metrics, params, rest, teacher_vars, batch)
+  zeros = {k: [0.0] * s[0].shape[0] if s[0].ndim else 1.0 for k, s in shapes.items()}
+  return sorted(setup.task.finalize(zeros))
+
+
+def _fitted_output(model: nnx.Module, kwargs: dict[str, Any], x: jax.ShapeDtypeStruct, requested: set[str],
+                   field: str, source: str) -> tuple[ModelOutput, tuple[str, ...]]:
+  """:func:`_abstract_output` of ``model`` (built from ``kwargs``), with a model that cannot take the
+  data's input (its input size or channels are another data set's) refused by one line naming ``field``."""
+  in_features = kwargs.get("in_features")
+  size = math.prod(x.shape[1:])
+  if isinstance(in_features, int) and x.ndim > 2 and in_features != size:
+    data = f"config.data.source={source!r} has inputs of shape {tuple(x.shape[1:])} = {size} features"
+    if field == "config.model":
+      raise UserError(f"config.model.in_features={in_features}: {data}; use --config.model.in_features={size}")
+    raise UserError(f"{field}: the teacher's model takes in_features={in_features} but {data}; {_TEACHER_FIX}")
+  try:
+    return _abstract_output(model, x, requested)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{field}: {type(model).__name__} cannot take the inputs of config.data.source={source!r}, of "
+                    f"shape {tuple(x.shape[1:])} ({one_line(str(e)) or type(e).__name__}); "
+                    + ("make config.model take that shape (e.g. its in_channels or input_shape)"
+                       if field == "config.model" else _TEACHER_FIX)) from None
+
+
+_TEACHER_FIX = "use a teacher trained on this data (a run whose model takes the student's input)"
 
 
 def _limit_vocab(out: ModelOutput, vocab: int) -> ModelOutput:
@@ -189,19 +234,44 @@ def _check_decay(value: Any, schedule: Any) -> None:
 
 
 def check_workdir(workdir: pathlib.Path, config_json: str) -> None:
-  """Refuses a workdir holding another run. The layout fields (:data:`LAYOUT_FIELDS`: the mesh and the
-  sharding rules) may differ: a run resumes on another mesh, its arrays resharded."""
+  """Refuses a workdir that cannot be written (:func:`check_writable_dir`) or holds another run. The
+  layout fields (:data:`LAYOUT_FIELDS`: the mesh and the sharding rules) may differ: a run resumes on
+  another mesh, its arrays resharded. So may :data:`RESUMABLE_FIELDS` (the learning rate, its schedule
+  and warm-up, the loss guard): a diverged run continues from its last good checkpoint with a lower one."""
+  check_writable_dir(workdir)
   existing = workdir / "config.json"
   if existing.exists() and _without_layout(json.loads(existing.read_text())) != _without_layout(json.loads(config_json)):
     raise UserError(f"--workdir={workdir}: it holds a run with a different config; use a new workdir "
                     f"(or delete it) to start another run")
 
 
+def check_writable_dir(path: str | pathlib.Path, flag: str = "--workdir") -> None:
+  """``path`` is a directory this process can write in, or can be created: its nearest existing
+  ancestor is a writable directory. Else a one-line :class:`UserError` naming ``flag``."""
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"{flag}={path}: it is a file, not a directory; give a directory (a new one, or the run's)")
+  probe = path.absolute()
+  while not probe.exists() and probe != probe.parent:
+    probe = probe.parent
+  if not probe.is_dir():
+    raise UserError(f"{flag}={path}: {probe} is a file, so the directory cannot be created; choose another path")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    what = "the directory" if probe == path.absolute() else f"{probe}, where it would be created,"
+    raise UserError(f"{flag}={path}: {what} is not writable (permission denied); choose a writable place or fix "
+                    f"its permissions")
+
+
 LAYOUT_FIELDS = ("mesh", "sharding_rules")
+# Fields of a section that a resumed run may change: none alters the train state's arrays.
+RESUMABLE_FIELDS = {"optimizer": ("learning_rate", "schedule", "warmup_epochs"), "train": ("max_loss",)}
 
 
 def _without_layout(config: dict[str, Any]) -> dict[str, Any]:
   config = {k: v for k, v in config.items() if k not in LAYOUT_FIELDS}
+  for section, fields in RESUMABLE_FIELDS.items():
+    if isinstance(config.get(section), dict):
+      config[section] = {k: v for k, v in config[section].items() if k not in fields}
   if isinstance(config.get("teachers"), list):
     config["teachers"] = [{k: v for k, v in t.items() if k != "sharding_rules"} if isinstance(t, dict) else t
                           for t in config["teachers"]]

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdlab import data as kdata
+from kdlab.config import show
 from kdlab.data import generated, pipeline, text
+from kdlab.data.augment import AUGMENTATIONS
 from kdlab.errors import UserError
 from kdlab.objective import ModelOutput
 
@@ -62,12 +64,15 @@ class Task(abc.ABC):
     """Start-up checks on the models' abstract outputs."""
 
   @abc.abstractmethod
-  def train_dataset(self, source: Any, data_cfg: Any, seed: int) -> grain.MapDataset:
-    """The shuffled, augmented, batched training data for ``seed``."""
+  def train_dataset(self, source: Any, data_cfg: Any, seed: int, rows: tuple[int, int] | None = None
+                    ) -> grain.MapDataset:
+    """The shuffled, augmented, batched training data for ``seed`` (only ``rows`` of each batch if given:
+    this process's share, see :func:`kdlab.mesh.process_rows`)."""
 
   @abc.abstractmethod
-  def eval_batches(self, source: Any, data_cfg: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-order eval batches, padded with a ``mask`` entry."""
+  def eval_batches(self, source: Any, data_cfg: Any, rows: tuple[int, int] | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-order eval batches, padded with a ``mask`` entry (``rows`` as in :meth:`train_dataset`)."""
 
   @abc.abstractmethod
   def train_metrics(self, logits: jax.Array, batch: dict) -> Metrics:
@@ -117,6 +122,11 @@ class Classification(Task):
     train_source = kdata.load(data_cfg.source, "train", data_dir=data_cfg.get("data_dir"))
     train_source = train_source.without_labels(list(data_cfg.get("exclude_labels", ())))
     test_source = kdata.load(data_cfg.source, "test", data_dir=data_cfg.get("data_dir"))
+    _check_normalization(data_cfg, train_source.image_shape[-1])
+    augment = data_cfg.get("augment")
+    if augment is not None and (not isinstance(augment, str) or augment not in AUGMENTATIONS):
+      raise UserError(f"config.data.augment={show(augment)}: unknown augmentation; use one of "
+                      f"{', '.join(sorted(AUGMENTATIONS))} or None")
     return train_source, test_source
 
   def abstract_batch(self, source: kdata.Source, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -135,12 +145,15 @@ class Classification(Task):
       raise UserError(f"config.model.num_classes: the model predicts {s_out.logits.shape[-1]} classes but "
                       f"{data_cfg.source} has {source.num_classes}")
 
-  def train_dataset(self, source: kdata.Source, data_cfg: Any, seed: int) -> grain.MapDataset:
+  def train_dataset(self, source: kdata.Source, data_cfg: Any, seed: int, rows: tuple[int, int] | None = None
+                    ) -> grain.MapDataset:
     return kdata.train_dataset(source, batch_size=data_cfg.batch_size, seed=seed, augment=data_cfg.augment,
-                               mean=data_cfg.mean, std=data_cfg.std)
+                               mean=data_cfg.mean, std=data_cfg.std, rows=rows)
 
-  def eval_batches(self, source: kdata.Source, data_cfg: Any) -> Iterator[dict[str, np.ndarray]]:
-    return kdata.eval_batches(source, batch_size=data_cfg.eval_batch_size, mean=data_cfg.mean, std=data_cfg.std)
+  def eval_batches(self, source: kdata.Source, data_cfg: Any, rows: tuple[int, int] | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    return kdata.eval_batches(source, batch_size=data_cfg.eval_batch_size, mean=data_cfg.mean, std=data_cfg.std,
+                              rows=rows)
 
   def train_metrics(self, logits: jax.Array, batch: dict) -> Metrics:
     mask = batch["mask"].astype(jnp.float32)
@@ -200,12 +213,26 @@ class Classification(Task):
     return line
 
 
+def _check_normalization(data_cfg: Any, channels: int) -> None:
+  """``config.data.mean`` / ``std``: one finite number per channel (or one for all), the stds > 0."""
+  for key, default in (("mean", (0.0,)), ("std", (1.0,))):
+    value = data_cfg.get(key, default)
+    values = list(value) if isinstance(value, (list, tuple)) else None
+    ok = values is not None and len(values) in (1, channels) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (key == "mean" or v > 0)
+        for v in values)
+    if not ok:
+      what = "finite numbers" if key == "mean" else "numbers > 0"
+      raise UserError(f"config.data.{key}={show(value)}: must be a list of {what}, one per channel ({channels}) or one "
+                      f"for all; use e.g. --config.data.{key}=({default[0]},)")
+
+
 def _positive_int(data_cfg: Any, key: str, default: Any, allow_none: bool = False) -> int | None:
   value = data_cfg.get(key, default)
   if value is None and allow_none:
     return None
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise UserError(f"config.data.{key} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    raise UserError(f"config.data.{key} must be an int >= 1{' or None' if allow_none else ''}, got {show(value)}")
   return value
 
 
@@ -271,11 +298,13 @@ class LanguageModel(Task):
         raise UserError(f"config.teachers[{i}]: the teacher's vocab_size is {t_out.logits.shape[-1]} but the "
                         f"student's {vocab}; distil between models with the same vocab_size (and tokenizer)")
 
-  def train_dataset(self, source: text.TextSource, data_cfg: Any, seed: int) -> grain.MapDataset:
-    return pipeline.text_train_dataset(source, batch_size=data_cfg.batch_size, seed=seed)
+  def train_dataset(self, source: text.TextSource, data_cfg: Any, seed: int, rows: tuple[int, int] | None = None
+                    ) -> grain.MapDataset:
+    return pipeline.text_train_dataset(source, batch_size=data_cfg.batch_size, seed=seed, rows=rows)
 
-  def eval_batches(self, source: text.TextSource, data_cfg: Any) -> Iterator[dict[str, np.ndarray]]:
-    return pipeline.text_eval_batches(source, batch_size=data_cfg.eval_batch_size)
+  def eval_batches(self, source: text.TextSource, data_cfg: Any, rows: tuple[int, int] | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    return pipeline.text_eval_batches(source, batch_size=data_cfg.eval_batch_size, rows=rows)
 
   @staticmethod
   def _weights(batch: dict) -> jax.Array:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from kdlab import mesh as meshlib
 from kdlab import models
+from kdlab.config import one_line, show
 from kdlab.data import teacher_cache
 from kdlab.data.teacher_cache import canonical, digest, params_digest, teacher_k, text_digest
 from kdlab.errors import UserError
@@ -78,12 +79,17 @@ def create_model(kwargs: dict[str, Any], field: str, seed: int) -> nnx.Module:
 def teacher_spec(entry: Any, i: int, *, need_weights: bool = True) -> dict[str, Any]:
   """Resolves ``config.teachers[i]``: its checkpoint and model (from the teacher run's config.json).
 
-  With ``need_weights=False`` (``kdlab plan``) a teacher whose checkpoint does not exist yet is
-  resolved from its ``model`` dict alone.
+  The checkpoint must come from a finished run (``summary.json`` beside ``checkpoints/``, see
+  :func:`check_finished`) unless the entry says ``allow_unfinished=True``; Hugging Face teachers
+  (``init="hf:DIR"``) are pretrained. With ``need_weights=False`` (``kdlab plan``) a teacher whose
+  checkpoint does not exist yet is resolved from its ``model`` dict alone.
   """
   field = f"config.teachers[{i}]"
   entry = dict(entry)
   init = entry.get("init")
+  allow_unfinished = entry.get("allow_unfinished", False)
+  if not isinstance(allow_unfinished, bool):
+    raise UserError(f"{field}.allow_unfinished={show(allow_unfinished)}: use True or False")
   if isinstance(init, str) and init.startswith(HF_PREFIX):  # a pretrained Hugging Face teacher
     path = hf_dir(init[len(HF_PREFIX):], f"{field}.init")
     entry["model"] = {**dict(entry.get("model") or {}), "name": "hf", "path": path}
@@ -95,6 +101,8 @@ def teacher_spec(entry: Any, i: int, *, need_weights: bool = True) -> dict[str, 
   if not exists and not (need_weights is False and "model" in entry):
     raise UserError(f"{field}.init: no teacher checkpoint at {init!r}; train the teacher first "
                     f"(kdlab train --config=...:teacher --workdir=...) or fix the path")
+  if exists and need_weights and not allow_unfinished:
+    check_finished(ckpt, field)
   run_config = ckpt.parent / "config.json"
   if exists and run_config.exists():
     model = json.loads(run_config.read_text())["model"]
@@ -105,14 +113,33 @@ def teacher_spec(entry: Any, i: int, *, need_weights: bool = True) -> dict[str, 
   return _spec(entry, i, str(ckpt), model)
 
 
+def check_finished(checkpoints: pathlib.Path, field: str) -> None:
+  """The run ``checkpoints`` belongs to has finished: its folder holds a readable ``summary.json``.
+
+  A run interrupted (or still training) has checkpoints but no summary; distilling from it would
+  use a half-trained teacher without a word. ``field`` is ``config.teachers[i]``.
+  """
+  run = checkpoints.parent
+  try:
+    json.loads((run / "summary.json").read_text())
+    return
+  except FileNotFoundError:
+    why = f"no summary.json in {run}"
+  except (OSError, ValueError):
+    why = f"{run / 'summary.json'} is unreadable"
+  raise UserError(f"{field}.init: {str(checkpoints)!r} is not from a finished run ({why}); finish the teacher "
+                  f"(rerun its kdlab train command), or set --{field}.allow_unfinished=True to distil from its "
+                  f"latest checkpoint")
+
+
 def _spec(entry: dict[str, Any], i: int, init: str, model: Any) -> dict[str, Any]:
   field = f"config.teachers[{i}]"
   eval_only = entry.get("eval_only", False)
   if not isinstance(eval_only, bool):
-    raise UserError(f"{field}.eval_only must be True or False, got {eval_only!r}")
+    raise UserError(f"{field}.eval_only must be True or False, got {show(eval_only)}")
   rules = entry.get("sharding_rules")
   if rules is not None and not isinstance(rules, (list, tuple)):
-    raise UserError(f"{field}.sharding_rules: {rules!r} is not a list of (logical name, mesh axis) pairs; "
+    raise UserError(f"{field}.sharding_rules: {show(rules)} is not a list of (logical name, mesh axis) pairs; "
                     f"e.g. [('embed', 'fsdp'), ('mlp', 'model')], or leave it out to use config.sharding_rules")
   kwargs = model_kwargs(model, f"{field}.model")
   kwargs.update(precision_kwargs({"dtype": entry.get("dtype"), "param_dtype": entry.get("dtype")}, kwargs, field))
@@ -134,7 +161,7 @@ def precision_kwargs(cfg: Any, kwargs: dict[str, Any], field: str) -> dict[str, 
     if value is None:
       continue
     if value not in DTYPES:
-      raise UserError(f"{field}.{name}={value!r}: use one of {', '.join(DTYPES)}")
+      raise UserError(f"{field}.{name}={show(value)}: use one of {', '.join(DTYPES)}")
     if name not in models.options(kwargs["name"]):
       raise UserError(f"{field}.{name}: model {kwargs['name']!r} has no {name} option; remove {field}.{name} "
                       f"or use a model that has it (gpt, llama, qwen2, qwen3, gemma3)")
@@ -203,9 +230,22 @@ def load_teachers(specs: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh, rule
       params = pretrained_params(spec["init"][len(HF_PREFIX):], nnx.eval_shape(make), params_like)
       variables.append((params, rest))
     else:
-      variables.append(checkpoint.restore_student(spec["init"], params_like, rest, f"config.teachers[{i}].init"))
+      variables.append(_restore_teacher(spec["init"], params_like, rest, f"config.teachers[{i}].init"))
     teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ())), spec.get("vocab")))
   return teachers, variables
+
+
+def _restore_teacher(init: str, params_like: Any, rest: Any, field: str) -> tuple[Any, Any]:
+  """:func:`kdlab.train.checkpoint.restore_student`, with a checkpoint that cannot be read (truncated or
+  garbled files) refused by one line naming ``field``."""
+  try:
+    return checkpoint.restore_student(init, params_like, rest, field)
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001  (orbax and TensorStore raise many kinds; any of them means damage)
+    detail = one_line(str(e)).split(" See full TensorStore details")[0][:200] or type(e).__name__
+    raise UserError(f"{field}: the latest checkpoint in {init!r} cannot be read ({detail}); it is damaged: "
+                    f"retrain the teacher, or point {field} at a run whose checkpoint loads") from None
 
 
 def pretrained_params(path: str, model: nnx.Module, params_like: Any) -> Any:

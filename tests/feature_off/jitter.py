@@ -10,8 +10,7 @@ GUARDS = (
 
 def disable() -> None:
   from kdlab.data import augment
-  augment.jitter = lambda image, rng, *, max_shift=2: image
-  augment.AUGMENTATIONS["jitter"] = augment.jitter
+  augment.AUGMENTATIONS["jitter"] = augment.Augmentation(draw=augment.JITTER.draw, apply=lambda image, p: image)
 
 
 pytest_configure = plugin(__name__, disable)
