@@ -419,27 +419,22 @@ def _improves(value: float, best: float | None, mode: str) -> bool:
 
 
 def max_loss(config: ml_collections.ConfigDict) -> float | None:
-  """``config.train.max_loss`` (None: off): a logged mean train loss above it stops the run as a divergence."""
+  """``config.train.max_loss`` (None: off): a logged mean train loss above it stops the run as a divergence
+  (its range is checked with every other field's, :func:`kdlab.train.ranges.check`)."""
   limit = config.train.get("max_loss")
-  if limit is None:
-    return None
-  if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0 or not math.isfinite(limit):
-    raise UserError(f"config.train.max_loss={show(limit)}: use a number > 0 (a logged mean loss above it stops the run) "
-                    f"or None (off)")
-  return float(limit)
+  return None if limit is None else float(limit)
 
 
 def checkpoint_keep(config: ml_collections.ConfigDict) -> int:
-  """``config.checkpoint.keep``: how many of the latest checkpoints a run keeps (default 2)."""
-  keep = (config.get("checkpoint") or {}).get("keep", 2)
-  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-    raise UserError(f"config.checkpoint.keep={show(keep)}: use a whole number >= 1 (the latest checkpoints kept)")
-  return keep
+  """``config.checkpoint.keep``: how many of the latest checkpoints a run keeps (default 2; range checked by
+  :func:`kdlab.train.ranges.check`)."""
+  return int((config.get("checkpoint") or {}).get("keep", 2))
 
 
 def best_checkpoint_metric(config: ml_collections.ConfigDict, names: Sequence[str]) -> tuple[str | None, str]:
   """``config.checkpoint.best_metric`` (one of the eval metric ``names``, e.g. ``test/accuracy``; None: no
-  best checkpoint) and ``best_mode`` (``max`` or ``min``; default ``max`` for accuracies, else ``min``)."""
+  best checkpoint) and ``best_mode`` (``max`` or ``min``; default ``max`` for accuracies, else ``min``;
+  its values checked by :func:`kdlab.train.ranges.check`)."""
   cfg = config.get("checkpoint") or {}
   metric = cfg.get("best_metric")
   if metric is None:
@@ -447,9 +442,6 @@ def best_checkpoint_metric(config: ml_collections.ConfigDict, names: Sequence[st
   if metric not in names:
     raise UserError(f"config.checkpoint.best_metric={show(metric)}: not an eval metric of this run; use one of "
                     f"{', '.join(sorted(names))}")
-  mode = cfg.get("best_mode") or ("max" if "accuracy" in metric else "min")
-  if mode not in ("max", "min"):
-    raise UserError(f"config.checkpoint.best_mode={show(mode)}: use 'max' or 'min'")
-  return metric, mode
+  return metric, cfg.get("best_mode") or ("max" if "accuracy" in metric else "min")
 
 
