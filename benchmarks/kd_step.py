@@ -40,9 +40,7 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from typing import Any, Callable
 
 import jax
@@ -57,6 +55,7 @@ from kdlab.repro import cpu_name
 from kdlab.train import optim
 from kdlab.train.state import Learner, init_state
 from kdlab.train.step import Teacher, make_train_step, run_teachers
+from workers import Worker, serve as serve_requests, timed
 
 HERE = pathlib.Path(__file__).resolve().parent
 TEACHER, STUDENT, NUM_CLASSES = "resnet32x4", "resnet8x4", 100
@@ -123,54 +122,13 @@ class KdlabBench:
     self.steps[op] = (step, state, teacher_vars)
 
   def times(self, op: str, n: int, warmup: int = 0) -> list[float]:
-    for _ in range(warmup):
-      self.run(op)
-    out = []
-    for _ in range(n):
-      t0 = time.perf_counter()
-      self.run(op)
-      out.append(time.perf_counter() - t0)
-    return out
-
-
-class Worker:
-  """A subprocess answering ``{"op": ..., "n": ..., "warmup": ...}`` lines with ``{"times": [...]}``.
-
-  Both sides run as workers (kdlab: this file with ``--worker``; PyTorch: torch_kd_step.py
-  ``--serve``), so each gets its own process, threads and environment (``XLA_FLAGS`` is read once
-  per process), and the coordinator can interleave them.
-  """
-
-  def __init__(self, cmd: list[str], env: dict[str, str] | None = None):
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=None if env is None else {**os.environ, **env})
-
-  def request(self, **req: Any) -> dict:
-    assert self.proc.stdin is not None and self.proc.stdout is not None
-    self.proc.stdin.write(json.dumps(req) + "\n")
-    self.proc.stdin.flush()
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f"benchmark worker {self.proc.args} exited with code {self.proc.wait()}")
-    return json.loads(line)
-
-  def times(self, op: str, n: int, warmup: int = 0) -> list[float]:
-    return self.request(op=op, n=n, warmup=warmup)["times"]
-
-  def close(self) -> None:
-    if self.proc.stdin is not None:
-      self.proc.stdin.close()
-    self.proc.wait()
+    return timed(lambda: self.run(op), n, warmup)
 
 
 def serve(bench: Any, info: dict) -> None:
-  """The worker loop: one JSON request per stdin line, one JSON reply per stdout line."""
-  for line in sys.stdin:
-    req = json.loads(line)
-    reply = info if req["op"] == "info" else {"times": bench.times(req["op"], int(req.get("n", 1)),
-                                                                   int(req.get("warmup", 0)))}
-    sys.stdout.write(json.dumps(reply) + "\n")
-    sys.stdout.flush()
+  """The worker loop (benchmarks/workers.py): ``info``, or the times of ``n`` steps of an op."""
+  serve_requests(lambda req: info if req["op"] == "info" else
+                 {"times": bench.times(req["op"], int(req.get("n", 1)), int(req.get("warmup", 0)))})
 
 
 OPS = ("kd", "student", "teacher")

@@ -7,6 +7,7 @@
                                       (docs/sweeps.md, docs/clusters.md)
   kdlab report DIR                    (a sweep's or a run's workdir -> DIR/report.md with PNG plots)
   kdlab cache-teacher --config=FILE[:VARIANT] --out=DIR [--shard-size N] [--config.FIELD=VALUE ...]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]
       (config.teachers[0]'s top-k outputs over the train split; docs/procedures.md)
   kdlab sample --workdir=RUN --prompt=TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
       [--seed S]                      (continue TEXT with a finished LM run's student; docs/generation.md)
@@ -120,13 +121,26 @@ def _report(args: argparse.Namespace, rest: Sequence[str]) -> None:
 
 def _cache_teacher(args: argparse.Namespace, overrides: Sequence[str]) -> None:
   from kdlab import config as kconfig
+  from kdlab import distributed
   from kdlab.offline import cache_teacher
-  config = kconfig.apply_overrides(kconfig.load(args.config), overrides)
-  meta, built = cache_teacher.cache_teacher(config, args.out, shard_size=args.shard_size,
-                                            progress=not args.no_progress, config_spec=args.config)
+  cluster = _cluster(args)
+  if cluster is not None:  # Each process writes its rows' shards; all stop with the same line if one finds bad input.
+    distributed.initialize(cluster)
+  try:
+    config = kconfig.apply_overrides(kconfig.load(args.config), overrides)
+    meta, built = cache_teacher.cache_teacher(config, args.out, shard_size=args.shard_size,
+                                              progress=not args.no_progress, config_spec=args.config)
+  except UserError as e:
+    if cluster is not None:
+      distributed.agree(e)
+    raise
+  if not distributed.is_writer():
+    return
   what = "built" if built else "already exists (same fingerprint), kept"
   print(f"teacher cache {what}: {meta['num_sequences']} sequences x {meta['seq_len']} tokens, top "
-        f"{meta['k']} of {meta['vocab_size']}, in {args.out}")
+        f"{meta['k']} of {meta['vocab_size']}, in {args.out}; {meta['bytes_per_token']:.1f} bytes per token "
+        f"({meta['bytes_per_entry']:g} per kept entry), reconstruction KL {meta['reconstruction_kl']:.2e} nats "
+        f"per token")
 
 
 def _sample(args: argparse.Namespace, rest: Sequence[str]) -> None:
@@ -176,8 +190,11 @@ def _generate_data(args: argparse.Namespace, overrides: Sequence[str]) -> None:
   config = kconfig.apply_overrides(kconfig.load(args.config), overrides)
   meta, built = generate_data.generate_data(config, args.out, progress=not args.no_progress, config_spec=args.config)
   what = "built" if built else "already exists (same fingerprint), kept"
-  print(f"generated data {what}: {meta['num_sequences']} sequences, {meta['max_new_tokens']} teacher tokens after "
-        f"{meta['prompt_len']}-token prompts, in {args.out} (train on it with "
+  if meta.get("segments"):  # instruction examples: prompts of their own lengths, replies end at a stop token
+    tokens = f"up to {meta['max_new_tokens']} teacher tokens after prompts of up to {meta['prompt_len']} tokens"
+  else:
+    tokens = f"{meta['max_new_tokens']} teacher tokens after {meta['prompt_len']}-token prompts"
+  print(f"generated data {what}: {meta['num_sequences']} sequences, {tokens}, in {args.out} (train on it with "
         f"config.data.source='generated:{args.out}')")
 
 
@@ -219,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   cache.add_argument("--out", required=True, help="cache directory (new, or an interrupted build to finish)")
   cache.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=1024, metavar="N", help="sequences per shard file")
   cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  _add_cluster_flags(cache)
   sample = commands.add_parser("sample", help="continue a text prompt with a finished language-model run")
   sample.add_argument("--workdir", required=True, help="a finished LM run's directory (config.json, checkpoints/)")
   sample.add_argument("--prompt", required=True, help="the text to continue (may be empty)")

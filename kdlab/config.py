@@ -104,8 +104,18 @@ SECTIONS: dict[str, str] = {
     "generate_data": "{'max_new_tokens': 64}",
 }
 FILLED_SECTIONS: dict[str, dict[str, Any]] = {
-    "train": {"microbatches": 1, "max_loss": None},
+    # token_normalization: "sequence" (per-sequence token means, then the batch mean) or "global" (one mean
+    # per token over the whole global batch: the same under any microbatches and data-parallel size).
+    "train": {"microbatches": 1, "max_loss": None, "token_normalization": "sequence"},
     "optimizer": {"clip_grad_norm": None, "kwargs": {}},
+}
+# config.data of instruction / chat records (kdlab.data.instruct), by source prefix: loss_mask "completion" |
+# "last_turn" | "all"; chat_template None (the tokenizer's, when it has one) | True | False | a name;
+# teacher_tokenizer "hf:DIR" when the teacher's tokenizer differs (cross-tokenizer distillation).
+DATA_FIELDS: dict[str, dict[str, Any]] = {
+    prefix: {"loss_mask": "completion", "chat_template": None, "packing": True, "drop_long": False,
+             "validation_fraction": 0.05, "teacher_tokenizer": None, "teacher_seq_len": None}
+    for prefix in ("jsonl:", "parquet:")
 }
 
 
@@ -130,6 +140,14 @@ def with_optional_fields(config: ml_collections.ConfigDict) -> ml_collections.Co
       for key, value in MODEL_FIELDS.get(model.get("name"), {}).items():
         if key not in model:
           setattr(model, key, value)
+  data = config.get("data")
+  source = data.get("source") if isinstance(data, ml_collections.ConfigDict) else None
+  for prefix, fields in DATA_FIELDS.items():
+    if isinstance(source, str) and source.startswith(prefix):
+      with data.ignore_type():
+        for name, value in fields.items():
+          if name not in data:
+            setattr(data, name, value)
   for key, fields in FILLED_SECTIONS.items():
     section = config.get(key)
     if isinstance(section, ml_collections.ConfigDict):
@@ -261,10 +279,19 @@ def _compatible(old: Any, new: Any) -> bool:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies ``--config.PATH=VALUE`` arguments; anything else is an error naming it."""
+  """Applies ``--config.PATH=VALUE`` arguments; anything else is an error naming it.
+
+  ``data.source`` goes first, then the fields its kind of data has are filled in (:data:`DATA_FIELDS`),
+  so e.g. ``--config.data.loss_mask=...`` works on a config whose file reads another source.
+  """
+  parsed = []
   for arg in args:
     if not arg.startswith("--config.") or "=" not in arg:
       raise UserError(f"unexpected argument {arg!r}; overrides look like --config.FIELD=VALUE")
     path, _, text = arg.removeprefix("--config.").partition("=")
+    parsed.append((path, text))
+  for path, text in sorted(parsed, key=lambda item: item[0] != "data.source"):  # stable: order kept otherwise
     override(config, path, parse_value(text))
+    if path == "data.source":
+      with_optional_fields(config)
   return config

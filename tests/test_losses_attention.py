@@ -81,7 +81,7 @@ def test_matches_numpy_jit_and_vmap(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_grads(name):
   fn, _, (s, t) = CASES[name]
-  check_grads(jit(lambda s: jnp.sum(fn(s, t))), (jnp.asarray(s),), order=1, modes=["rev"],
+  check_grads(jax.jit(lambda s: jnp.sum(fn(s, t))), (jnp.asarray(s),), order=1, modes=["rev"],
               eps=1e-3, atol=1e-2, rtol=1e-2)
 
 

@@ -106,7 +106,7 @@ def test_crd_grads():
   _, state = CRD_JIT(S, T, IDX, STATE, key=KEY, num_negatives=K, negative_indices=NEG)
   def f(s, t):
     return jnp.sum(C.crd(s, t, IDX, state, key=KEY, num_negatives=K, negative_indices=NEG)[0])
-  check_grads(jit(f), (jnp.asarray(S), jnp.asarray(T)), order=1, modes=["rev"],
+  check_grads(jax.jit(f), (jnp.asarray(S), jnp.asarray(T)), order=1, modes=["rev"],
               eps=1e-3, atol=1e-2, rtol=1e-2)
   # The state never carries gradient: grads w.r.t. the banks are zero.
   g = jit(jax.grad(lambda st: jnp.sum(C.crd(S, T, IDX, st, key=KEY, num_negatives=K,
@@ -139,7 +139,7 @@ def test_info_nce_matches_numpy_jit_vmap_grads():
   np.testing.assert_allclose(out, np_info_nce(S, T, 0.2), rtol=1e-5)
   np.testing.assert_allclose(jit(jax.vmap(f))(np.stack([S, T]), np.stack([T, S]))[1],
                              np_info_nce(T, S, 0.2), rtol=1e-5)
-  check_grads(jit(lambda s: jnp.sum(f(s, T))), (jnp.asarray(S),), order=1, modes=["rev"],
+  check_grads(jax.jit(lambda s: jnp.sum(f(s, T))), (jnp.asarray(S),), order=1, modes=["rev"],
               eps=1e-3, atol=1e-2, rtol=1e-2)
   # Orthonormal, aligned embeddings at a low temperature: near-zero loss.
   eye = np.eye(B, dtype=np.float32)

@@ -212,12 +212,12 @@ def test_matches_numpy_jit_and_vmap(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_grads(name):
   fn, _, _, (s, t), _ = CASES[name]
-  check_grads(jit(lambda s: jnp.sum(fn(s, t))), (tmap(jnp.asarray, s),), order=1, modes=["rev"],
+  check_grads(jax.jit(lambda s: jnp.sum(fn(s, t))), (tmap(jnp.asarray, s),), order=1, modes=["rev"],
               eps=1e-3, atol=1e-2, rtol=1e-2)
 
 
 def test_vid_grads_wrt_log_scale():
-  check_grads(jit(lambda ls: jnp.sum(F.vid(S4, T4, log_scale=ls))), (jnp.asarray(LOG_SCALE),), order=1,
+  check_grads(jax.jit(lambda ls: jnp.sum(F.vid(S4, T4, log_scale=ls))), (jnp.asarray(LOG_SCALE),), order=1,
               modes=["rev"], eps=1e-3, atol=1e-2, rtol=1e-2)
 
 

@@ -145,7 +145,7 @@ def test_matches_numpy_jit_batched_vmap(name):
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
 def test_grads(name):
   fn = CASES[name][0]
-  check_grads(jit(lambda s: jnp.sum(fn(s, T, LABELS))), (jnp.asarray(S),), order=1, modes=["rev"],
+  check_grads(jax.jit(lambda s: jnp.sum(fn(s, T, LABELS))), (jnp.asarray(S),), order=1, modes=["rev"],
               eps=1e-3, atol=1e-2, rtol=1e-2)
 
 

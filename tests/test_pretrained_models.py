@@ -230,12 +230,14 @@ def test_remat_checkpoints_each_block_and_keeps_gradients():
   tokens = jnp.arange(8)[None] % 32
   loss = lambda m: jnp.mean(m(tokens, train=True)[0] ** 2)  # noqa: E731
   models = [registry.create("qwen3", seed=1, remat=remat, **cfg) for remat in ("none", "full", "dots")]
-  for model, policy in zip(models, (None, "None", "dots_with_no_batch_dims_saveable")):
+  # how jax prints the dots policy: its function (jax 0.12) or a policy object (jax 0.11)
+  dots = ("dots_with_no_batch_dims_saveable", "DotsSaveable(only_if_no_batch_dims=True)")
+  for model, policy in zip(models, (None, ("None",), dots)):
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state)
     remats = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("remat")]
     assert len(remats) == (0 if policy is None else 2)
-    assert all(policy in str(e.params["policy"]) for e in remats)
+    assert all(any(p in str(e.params["policy"]) for p in policy) for e in remats)
   # The policies differ only in what is saved (checked above); one of them stands for both here.
   grads = nnx.jit(lambda ms: [nnx.grad(loss)(m) for m in ms])(models[:2])
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 1e-4

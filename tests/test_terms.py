@@ -155,8 +155,9 @@ def runs():
 
 def test_every_registered_term_is_trained_here():
   trained = {spec["loss"] for specs in GROUPS.values() for spec in specs}
-  # topk_kd reads a language model's teacher cache: trained in tests/test_teacher_cache.py.
-  assert set(objectives.term_names()) - {"ce", "topk_kd"} == trained
+  # topk_kd reads a language model's teacher cache: trained in tests/test_teacher_cache.py; uld and
+  # aligned_kd read a second tokenization: trained and gradient-checked in tests/test_cross_tokenizer.py.
+  assert set(objectives.term_names()) - {"ce", "topk_kd", "uld", "aligned_kd"} == trained
 
 
 @pytest.mark.parametrize("group, name", [t for t in TERMS if t[1] != "top_k_agreement"])
@@ -236,7 +237,8 @@ def outputs():
 
 
 def test_every_term_is_in_the_gradient_check():
-  assert {spec["loss"] for _, spec in GRADIENT_TERMS} == set(objectives.term_names()) - {"top_k_agreement", "topk_kd"}
+  assert {spec["loss"] for _, spec in GRADIENT_TERMS} == (set(objectives.term_names())
+                                                          - {"top_k_agreement", "topk_kd", "uld", "aligned_kd"})
 
 
 @pytest.mark.parametrize("name, spec", GRADIENT_TERMS, ids=[n for n, _ in GRADIENT_TERMS])

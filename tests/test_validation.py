@@ -138,7 +138,8 @@ def test_a_language_model_run_refuses_a_bad_sequence_length(tmp_path):
 # Every config file with one of its variants (cifar100_crd parses its own options).
 VARIANTS = {"hinton_mnist.py": "kd", "byot_mnist.py": "byot", "ensemble_mnist.py": "ensemble",
             "self_distill_mnist.py": "ban", "mnist5k_resnet.py": "kd", "lm_pysrc.py": "kd", "lm_gkd.py": "gkd",
-            "lm_hf.py": "kd", "cifar100_crd.py": "resnet32x4-resnet8x4-kd"}
+            "lm_hf.py": "kd", "lm_instruct.py": "kd", "llm_distill.py": "kd",
+            "cifar100_crd.py": "resnet32x4-resnet8x4-kd"}
 
 
 def test_every_config_file_refuses_a_misspelled_option():

@@ -9,7 +9,13 @@ A text batch (``text_train_dataset`` / ``text_eval_batches``) has ``tokens`` and
 targets, 0 for packing and eval padding), ``index`` int32 ``[B]`` (the
 sequence's position in its split) and ``mask`` bool ``[B]`` (False for a padded
 eval sequence). ``mask`` stays per example so the objective averages per-sequence
-losses exactly as it averages per-image ones.
+losses exactly as it averages per-image ones. Rows of packed examples
+(:mod:`kdlab.data.packing`, the ``jsonl:``/``parquet:`` sources) also carry
+``segment_ids`` and ``positions`` int32 ``[B, L]`` (0 on padding, eval padding too), and
+cross-tokenizer rows (``config.data.teacher_tokenizer``, :mod:`kdlab.data.instruct`) the teacher's
+tokenization: ``teacher_tokens``, ``teacher_targets`` int32 ``[B, Lt]``, ``teacher_token_mask``
+float32 ``[B, Lt]``, and the aligned chunks ``student_chunks`` int32 ``[B, L]``, ``teacher_chunks``
+int32 ``[B, Lt]`` (-1 outside chunks, on eval padding too).
 """
 
 from __future__ import annotations
@@ -98,14 +104,18 @@ def train_dataset(source: Source, *, batch_size: int, seed: int, augment: str | 
   return ds.map(Normalize(mean, std))
 
 
+# Batch entries whose padding is not 0: chunk ids (0 is a chunk; -1 is none).
+_PAD_FILL = {"student_chunks": -1, "teacher_chunks": -1}
+
+
 def _pad_rows(rows: tuple[int, int], start: int, end: int, gather_fn: Any) -> dict[str, np.ndarray]:
   """Rows ``rows`` of the eval batch starting at split position ``start``; positions at or past ``end``
-  (the split's size) are zero padding (``mask=False``)."""
+  (the split's size) are padding (``mask=False``): zeros, -1 for chunk ids."""
   positions = np.arange(start + rows[0], start + rows[1])
   batch = gather_fn(np.minimum(positions, end - 1))
   padding = positions >= end
   if padding.any():
-    batch = {k: np.where(padding.reshape((-1,) + (1,) * (v.ndim - 1)), np.zeros((), v.dtype), v)
+    batch = {k: np.where(padding.reshape((-1,) + (1,) * (v.ndim - 1)), np.asarray(_PAD_FILL.get(k, 0), v.dtype), v)
              for k, v in batch.items()}
   return batch
 
@@ -124,9 +134,15 @@ def eval_batches(source: Source, *, batch_size: int, mean: Sequence[float] = (0.
 def gather_text(source: TextSource, indices: np.ndarray) -> dict[str, np.ndarray]:
   """Sequences ``indices`` of ``source`` as one text batch (see the module docstring)."""
   packed = source.records
-  return {"tokens": packed.tokens[indices], "targets": packed.targets[indices],
-          "token_mask": packed.mask[indices].astype(np.float32), "index": np.asarray(indices, np.int32),
-          "mask": np.ones(len(indices), bool)}
+  batch = {"tokens": packed.tokens[indices], "targets": packed.targets[indices],
+           "token_mask": packed.mask[indices].astype(np.float32), "index": np.asarray(indices, np.int32),
+           "mask": np.ones(len(indices), bool)}
+  if getattr(packed, "segment_ids", None) is not None:  # packed examples (kdlab.data.packing)
+    batch["segment_ids"] = packed.segment_ids[indices]
+    batch["positions"] = packed.positions[indices]
+  for key, values in getattr(packed, "extra", {}).items():  # the teacher's tokenization of cross-tokenizer rows
+    batch[key] = values[indices]
+  return batch
 
 
 def text_train_dataset(source: TextSource, *, batch_size: int, seed: int, rows: tuple[int, int] | None = None

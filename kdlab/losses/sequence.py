@@ -5,7 +5,13 @@ divergence is reduced by a masked mean over the sequence's tokens,
 
     loss_b = sum_l mask_bl * div_bl / sum_l mask_bl    (0 for a sequence with no real tokens)
 
-so the caller decides how sequences are combined (mean, masked mean, sum).
+so the caller decides how sequences are combined (mean, masked mean, sum). Every function also
+takes ``weights [B, L]`` (per-token weights, e.g. ``token_mask * B / N`` for one mean per token
+over a whole batch of ``B`` sequences and ``N`` tokens); then
+
+    loss_b = sum_l weights_bl * div_bl    (tokens of weight 0 may hold nan or inf)
+
+and the mask only fixes the shape.
 
 Three ways to compute the same value:
   * ``token_loss``: plain; the full ``[batch, length, vocab]`` probabilities exist.
@@ -108,17 +114,28 @@ def _token_weights(mask: jax.Array) -> jax.Array:
   return jnp.where(count > 0, mask / jnp.where(count > 0, count, 1.0), 0.0)
 
 
-def masked_sequence_mean(per_token: jax.Array, mask: jax.Array) -> jax.Array:
-  """``[B, L]`` per-token values -> ``[B]`` masked means (masked tokens may hold nan or inf)."""
-  mask = _check_mask(mask, per_token.shape)
-  w = _token_weights(mask)
+def _weights_or_mean(mask: jax.Array, weights: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+  """The ``[B, L]`` token weights of a reduction: ``weights`` if given, else the masked mean's."""
+  mask = _check_mask(mask, shape)
+  if weights is None:
+    return _token_weights(mask)
+  weights = jnp.asarray(weights)
+  if weights.shape != shape or not jnp.issubdtype(weights.dtype, jnp.floating):
+    raise ValueError(f"weights: expected float [batch, length] = {shape}, got {weights.dtype} {weights.shape}")
+  return weights.astype(jnp.float32)
+
+
+def masked_sequence_mean(per_token: jax.Array, mask: jax.Array, *, weights: jax.Array | None = None) -> jax.Array:
+  """``[B, L]`` per-token values -> ``[B]`` masked means (masked tokens may hold nan or inf), or
+  ``sum_l weights * per_token`` with ``weights [B, L]``."""
+  w = _weights_or_mean(mask, weights, per_token.shape)
   return jnp.sum(jnp.where(w != 0, w * per_token, 0.0), axis=-1)
 
 
 # --- plain ---------------------------------------------------------------------------------------
 
 def token_loss(divergence_fn: Divergence | str, s_logits: jax.Array, t_logits: jax.Array,
-               mask: jax.Array, **hparams) -> jax.Array:
+               mask: jax.Array, *, weights: jax.Array | None = None, **hparams) -> jax.Array:
   """Per-sequence token-level distillation loss (plain: full probabilities exist).
 
   Args:
@@ -127,10 +144,12 @@ def token_loss(divergence_fn: Divergence | str, s_logits: jax.Array, t_logits: j
     s_logits: ``[B, L, V]`` student logits.
     t_logits: ``[B, L, V]`` teacher logits.
     mask: ``[B, L]`` 1 (or True) for tokens that count, 0 for padding.
+    weights: optional float ``[B, L]`` token weights replacing the per-sequence mean.
     **hparams: passed to ``divergence_fn`` (``temperature``, ``beta``).
 
   Returns:
-    ``[B]``: ``sum_l mask * div / sum_l mask``; 0 for a sequence without real tokens.
+    ``[B]``: ``sum_l mask * div / sum_l mask`` (0 for a sequence without real tokens), or
+    ``sum_l weights * div``.
 
   Example:
     >>> token_loss(kdlab.losses.logits.kd, s, t, mask, temperature=2.0)
@@ -144,7 +163,7 @@ def token_loss(divergence_fn: Divergence | str, s_logits: jax.Array, t_logits: j
   if per_token.shape != s_logits.shape[:2]:
     raise ValueError(f"divergence_fn: expected per-token values of shape {s_logits.shape[:2]}, "
                      f"got {per_token.shape}")
-  return masked_sequence_mean(per_token, mask)
+  return masked_sequence_mean(per_token, mask, weights=weights)
 
 
 # --- chunking along the sequence -----------------------------------------------------------------
@@ -190,7 +209,8 @@ def _unchunk(y: jax.Array, length: int) -> jax.Array:
 
 def chunked_token_kd(s_logits: jax.Array, t_logits: jax.Array, mask: jax.Array, *,
                      divergence: str = "kd", chunk_size: int | None = None,
-                     temperature: float = 1.0, beta: float = 0.5) -> jax.Array:
+                     temperature: float = 1.0, beta: float = 0.5,
+                     weights: jax.Array | None = None) -> jax.Array:
   """``token_loss`` computed one ``[chunk_size, V]`` block of tokens at a time.
 
   Each chunk holds every sequence's tokens at ``chunk_size // batch`` consecutive positions
@@ -208,6 +228,7 @@ def chunked_token_kd(s_logits: jax.Array, t_logits: jax.Array, mask: jax.Array, 
     chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of about 64 MiB.
     temperature: softening temperature, > 0.
     beta: JSD mixing weight in (0, 1) (``jsd`` only).
+    weights: optional float ``[B, L]`` token weights replacing the per-sequence mean.
 
   Returns:
     ``[B]`` per-sequence losses, equal to ``token_loss(divergence, ...)``.
@@ -218,6 +239,8 @@ def chunked_token_kd(s_logits: jax.Array, t_logits: jax.Array, mask: jax.Array, 
   _check_hparams(divergence, temperature, beta)
   b, l, v = s_logits.shape
   mask = _check_mask(mask, (b, l))
+  if weights is not None:
+    _weights_or_mean(mask, weights, (b, l))  # checked before the chunks are traced
   fn = _divergence(divergence)
   c = _chunk_len(b, l, v, chunk_size)
 
@@ -227,7 +250,7 @@ def chunked_token_kd(s_logits: jax.Array, t_logits: jax.Array, mask: jax.Array, 
     return fn(s_c.astype(jnp.float32), t_c.astype(jnp.float32), temperature, beta)
 
   per_token = _unchunk(jax.lax.map(body, _starts(l, c)), l)
-  return masked_sequence_mean(per_token, mask)
+  return masked_sequence_mean(per_token, mask, weights=weights)
 
 
 # --- fused with the unembedding ------------------------------------------------------------------
@@ -326,7 +349,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_token_kd(s_hidden: jax.Array, s_unembed: jax.Array, t_hidden: jax.Array,
                    t_unembed: jax.Array, mask: jax.Array, *, divergence: str = "kd",
                    chunk_size: int | None = None, temperature: float = 1.0,
-                   beta: float = 0.5) -> jax.Array:
+                   beta: float = 0.5, weights: jax.Array | None = None) -> jax.Array:
   """Token-level distillation from hidden states, never materializing ``[B * L, V]`` logits.
 
   Equal to ``token_loss(divergence, s_hidden @ s_unembed, t_hidden @ t_unembed, mask, ...)``.
@@ -352,6 +375,7 @@ def fused_token_kd(s_hidden: jax.Array, s_unembed: jax.Array, t_hidden: jax.Arra
     chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of about 64 MiB.
     temperature: softening temperature, > 0 (may be a traced scalar).
     beta: JSD mixing weight in (0, 1) (``jsd`` only).
+    weights: optional float ``[B, L]`` token weights replacing the per-sequence mean.
 
   Returns:
     ``[B]`` per-sequence losses.
@@ -374,7 +398,7 @@ def fused_token_kd(s_hidden: jax.Array, s_unembed: jax.Array, t_hidden: jax.Arra
     raise ValueError(f"s_unembed and t_unembed: vocab sizes differ: {s_unembed.shape[1]} vs "
                      f"{t_unembed.shape[1]}")
   _check_hparams(divergence, temperature, beta)
-  w = _token_weights(_check_mask(mask, (b, l)))
+  w = _weights_or_mean(mask, weights, (b, l))
   hp = jnp.stack([jnp.asarray(temperature, jnp.float32), jnp.asarray(beta, jnp.float32)])
   c = _chunk_len(b, l, s_unembed.shape[1], chunk_size)
   return _fused(divergence, c, s_hidden, s_unembed, t_hidden, t_unembed, w, hp)
@@ -384,7 +408,7 @@ def fused_token_kd(s_hidden: jax.Array, s_unembed: jax.Array, t_hidden: jax.Arra
 
 def topk_kd(s_logits: jax.Array, topk_logprobs: jax.Array, topk_indices: jax.Array,
             mask: jax.Array, *, temperature: float = 1.0,
-            rest_logprobs: jax.Array | None = None) -> jax.Array:
+            rest_logprobs: jax.Array | None = None, weights: jax.Array | None = None) -> jax.Array:
   """KD against a teacher stored as its top-k log-probabilities plus the remaining mass.
 
   The teacher distribution is taken over ``k + 1`` categories: the k stored tokens and one
@@ -404,6 +428,7 @@ def topk_kd(s_logits: jax.Array, topk_logprobs: jax.Array, topk_indices: jax.Arr
     mask: ``[B, L]`` token mask.
     temperature: softening temperature, > 0.
     rest_logprobs: optional ``[B, L]`` log of the teacher's mass outside the top k.
+    weights: optional float ``[B, L]`` token weights replacing the per-sequence mean.
 
   Returns:
     ``[B]`` per-sequence losses.
@@ -420,6 +445,8 @@ def topk_kd(s_logits: jax.Array, topk_logprobs: jax.Array, topk_indices: jax.Arr
     raise ValueError(f"topk_logprobs: k = {k} exceeds the student's vocab size {v}")
   _checks.positive("temperature", temperature)
   mask = _check_mask(mask, s.shape[:2])
+  if weights is not None:
+    _weights_or_mean(mask, weights, s.shape[:2])
 
   log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
   log_ps_k = jnp.take_along_axis(log_ps, idx, axis=-1)
@@ -442,4 +469,4 @@ def topk_kd(s_logits: jax.Array, topk_logprobs: jax.Array, topk_indices: jax.Arr
   qt = jnp.exp(log_qt)
   safe_log_qt = jnp.where(qt > 0, log_qt, 0.0)
   per_token = temperature**2 * jnp.sum(jnp.where(qt > 0, qt * (safe_log_qt - log_ps_k), 0.0), axis=-1)
-  return masked_sequence_mean(per_token, mask)
+  return masked_sequence_mean(per_token, mask, weights=weights)

@@ -16,10 +16,17 @@ returned in float32.
 
 The contract is ``gpt``'s (kdlab/models/gpt.py):
 
-* ``model(tokens [B, L], *, train, taps=()) -> (logits [B, L, V] float32, feats)``; ``feats`` always
-  holds ``block{i}`` ``[B, L, D]`` (the residual stream after block i) and ``final`` ``[B, L, D]``
-  (the final-normed hidden state), and ``attn{i}`` ``[B, H, L, L]`` (attention probabilities)
-  only when named in ``taps``. ``train`` changes nothing (pretrained decoders use no dropout).
+* ``model(tokens [B, L], *, train, taps=(), segment_ids=None, positions=None) -> (logits [B, L, V]
+  float32, feats)``; ``feats`` always holds ``block{i}`` ``[B, L, D]`` (the residual stream after
+  block i) and ``final`` ``[B, L, D]`` (the final-normed hidden state), and ``attn{i}``
+  ``[B, H, L, L]`` (attention probabilities) only when named in ``taps``. ``train`` changes nothing
+  (pretrained decoders use no dropout).
+* Packed rows: ``segment_ids`` int ``[B, L]`` (which example of the row a token belongs to; 0 =
+  padding) lets a query see a key only in its own segment (and causally, and in a sliding-window
+  layer only keys less than ``window`` positions back); ``positions`` int ``[B, L]`` are the RoPE
+  positions (restarting at each example), else ``arange(L)``. Causality is by index in the row;
+  ``positions`` alone keep one segment. Every query sees at least itself (padding attends within
+  the padding), so no row is all-masked. Without either the graph is the plain causal one.
 * ``unembedding()`` ``[D, V]``: ``logits == feats["final"] @ unembedding()`` unless
   ``logit_softcap`` (a float, else None) caps them; fused losses must check it.
 * ``init_cache(batch, length=None, dtype=None)`` and ``decode(tokens, cache, positions)`` as
@@ -50,6 +57,7 @@ from flax import nnx
 
 from kdlab.errors import UserError
 from kdlab.models.gpt import KVCache
+from kdlab.models.packing import check_packing, segment_visible
 from kdlab.models.rope import apply_rope
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -219,12 +227,13 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(a.head_dim, **norm)
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, want_probs: bool = False,
-               cache: tuple[jax.Array, jax.Array] | None = None):
+               cache: tuple[jax.Array, jax.Array] | None = None, mask: jax.Array | None = None):
     """``x [B, T, D]`` at ``positions [B or 1, T]`` -> (``[B, T, D]``, probabilities or None, cache).
 
-    Without ``cache`` the ``T`` tokens attend to each other (causally); with ``cache`` (keys,
-    values ``[B, S, K, Dh]``) their keys/values are written at ``positions`` first and the queries
-    read the cache; the updated cache is returned (None without one).
+    Without ``cache`` the ``T`` tokens attend to each other (causally, or as ``mask [B, T, T]``
+    says: packed rows, :func:`kdlab.models.packing.segment_visible`); with ``cache`` (keys, values ``[B, S, K, Dh]``)
+    their keys/values are written at ``positions`` first and the queries read the cache; the
+    updated cache is returned (None without one).
     """
     b, t, _ = x.shape
     q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -242,7 +251,8 @@ class Attention(nnx.Module):
       values = values.at[rows, positions].set(v.astype(values.dtype))
       cache = (keys, values)
       slots = jnp.arange(keys.shape[1])[None]
-    mask = visible(positions, slots, self.window)
+    if mask is None:
+      mask = visible(positions, slots, self.window)
     y, probs = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, scale=self.scale,
                          want_probs=want_probs)
     return self.o(y.reshape(b, t, -1), out_sharding=_like(x)), probs, cache
@@ -286,19 +296,20 @@ class Block(nnx.Module):
       self.mlp_out_norm = RMSNorm(arch.hidden_size, **norm)
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, want_probs: bool = False,
-               cache: tuple[jax.Array, jax.Array] | None = None):
+               cache: tuple[jax.Array, jax.Array] | None = None, mask: jax.Array | None = None):
     """``x [B, T, D]`` -> (``[B, T, D]``, probabilities or None, cache); see :meth:`Attention.__call__`."""
-    y, probs, cache = self.attn(self.attn_norm(x), positions, want_probs=want_probs, cache=cache)
+    y, probs, cache = self.attn(self.attn_norm(x), positions, want_probs=want_probs, cache=cache, mask=mask)
     x = x + (self.attn_out_norm(y) if self.sandwich else y)
     y = self.mlp(self.mlp_norm(x))
     return x + (self.mlp_out_norm(y) if self.sandwich else y), probs, cache
 
 
 def _block_fn(want_probs: bool):
-  """``(block, x, positions) -> (x, probs)``, positional only (as ``nnx.remat`` needs)."""
+  """``(block, x, positions, mask) -> (x, probs)``, positional only (as ``nnx.remat`` needs); ``mask``
+  None is the plain causal attention."""
 
-  def run(block: Block, x: jax.Array, positions: jax.Array):
-    y, probs, _ = block(x, positions, want_probs=want_probs)
+  def run(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None):
+    y, probs, _ = block(x, positions, want_probs=want_probs, mask=mask)
     return y, probs
 
   return run
@@ -376,20 +387,32 @@ class Decoder(nnx.Module):
       raise ValueError(f"tokens: expected [batch, {what}] integer ids, got {tokens.dtype} {tokens.shape}")
     return tokens
 
-  def __call__(self, tokens: jax.Array, *, train: bool,
-               taps: Sequence[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, tokens: jax.Array, *, train: bool, taps: Sequence[str] = (),
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``tokens [B, L]`` -> ``(logits [B, L, V] float32, feats)``; packed rows with ``segment_ids``
+    and ``positions`` ``[B, L]`` (see the module docstring)."""
     del train  # no dropout in these families
     tokens = self._check_tokens(tokens, "length")
+    segment_ids, positions = check_packing(segment_ids, positions, tokens.shape)
     if tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds max_len={self.max_len}")
     unknown = sorted(set(taps) - set(self.tap_names()))
     if unknown:
       raise ValueError(f"taps: unknown {unknown}; this model has block0..{self.num_layers - 1}, attn{{i}}, final")
     x = self._embed(tokens)
-    positions = jnp.arange(tokens.shape[1])[None]
+    masks = {}  # none: each layer builds its plain causal mask (the unpacked graph, unchanged)
+    if segment_ids is not None or positions is not None:
+      segment_ids = jnp.zeros_like(tokens, jnp.int32) if segment_ids is None else segment_ids
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
+      # One mask per distinct window, built once for all layers.
+      masks = {w: segment_visible(segment_ids, positions, w) for w in set(self.arch.windows)}
+    else:
+      positions = jnp.arange(tokens.shape[1])[None]
     feats: dict[str, jax.Array] = {}
     for i, block in enumerate(self.layers):
-      x, probs = _rematted(_block_fn(f"attn{i}" in taps), self.arch.remat)(block, x, positions)
+      mask = masks.get(self.arch.windows[i])
+      x, probs = _rematted(_block_fn(f"attn{i}" in taps), self.arch.remat)(block, x, positions, mask)
       feats[f"block{i}"] = x
       if probs is not None:
         feats[f"attn{i}"] = probs

@@ -3,8 +3,13 @@
 Pre-norm blocks (RMSNorm by default), rotary position embeddings (RoPE), causal multi-head
 attention, a GELU MLP, and a tied or untied unembedding. No biases.
 
-``model(tokens, *, train, taps=()) -> (logits, feats)``:
+``model(tokens, *, train, taps=(), segment_ids=None, positions=None) -> (logits, feats)``:
   * ``tokens``: ``[B, L]`` int32 ids, ``L <= max_len``.
+  * ``segment_ids``, ``positions`` (optional, packed rows): int ``[B, L]``; a query sees a key only
+    of its own segment (0 = padding, which attends within the padding) and not after it in the
+    row; RoPE rotates to ``positions`` (restarting at each example) instead of ``arange(L)``. The
+    mask is built once per call (``kdlab.models.packing.segment_visible``); without either the
+    graph is the plain causal one.
   * ``logits``: ``[B, L, V]`` float32 next-token logits.
   * ``feats`` (always): ``block{i}`` ``[B, L, D]`` hidden state after block i (i from 0), and
     ``final`` ``[B, L, D]``, the final normed hidden state (the unembedding's input, for fused
@@ -69,6 +74,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdlab.models.packing import check_packing, segment_visible
 from kdlab.models.registry import register
 
 REMAT = ("none", "full", "dots")
@@ -125,24 +131,29 @@ class Attention(nnx.Module):
     self.out = nnx.Linear(d_model, d_model, use_bias=False,
                           kernel_init=_init(out_std, ("heads", "embed")), rngs=rngs, **precision)
 
-  def __call__(self, x: jax.Array, *, want_probs: bool) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  def __call__(self, x: jax.Array, *, want_probs: bool, positions: jax.Array | None = None,
+               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """``x [B, L, D]`` -> (``[B, L, D]``, float32 probabilities ``[B, H, L, L]`` or None,
-    values ``[B, H, L, Dh]``)."""
+    values ``[B, H, L, Dh]``); ``positions [B, L]`` (default ``arange(L)``) and ``mask [B, L, L]``
+    (default causal) for packed rows."""
     b, l, _ = x.shape
     split = lambda y: y.reshape(b, l, self.num_heads, self.head_dim)  # noqa: E731
-    pos = jnp.arange(l)
+    pos = jnp.arange(l) if positions is None else positions
     q = rope(split(self.query(x)), pos, self.rope_base)
     k = rope(split(self.key(x)), pos, self.rope_base)
     v = split(self.value(x))
     if want_probs:
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
       scores = scores / math.sqrt(self.head_dim)
-      causal = jnp.tril(jnp.ones((l, l), bool))
+      causal = jnp.tril(jnp.ones((l, l), bool)) if mask is None else mask[:, None]
       probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
       y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    else:
+    elif mask is None:
       probs = None
       y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # float32 logits and softmax
+    else:
+      probs = None
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     return self.out(y.reshape(b, l, -1), out_sharding=_like(x)), probs, v.transpose(0, 2, 1, 3)
 
   def decode(self, x: jax.Array, keys: jax.Array, values: jax.Array,
@@ -199,8 +210,9 @@ class Block(nnx.Module):
     self.mlp = MLP(d_model, mlp_hidden, out_std=out_std, precision=precision, rngs=rngs)
     self.drop = nnx.Dropout(dropout, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool, want_probs: bool):
-    y, probs, values = self.attn(self.norm1(x), want_probs=want_probs)
+  def __call__(self, x: jax.Array, *, train: bool, want_probs: bool, positions: jax.Array | None = None,
+               mask: jax.Array | None = None):
+    y, probs, values = self.attn(self.norm1(x), want_probs=want_probs, positions=positions, mask=mask)
     x = x + self.drop(y, deterministic=not train)
     x = x + self.drop(self.mlp(self.norm2(x)), deterministic=not train)
     return x, probs, values
@@ -342,10 +354,11 @@ class GPT(nnx.Module):
     per_block = [f"{kind}{i}" for i in range(self.num_layers) for kind in ("block", "attn", "values")]
     return per_block + ["final"]
 
-  def _block_fn(self, *, train: bool, want_probs: bool) -> Callable[[Block, jax.Array], Any]:
-    """``(block, x) -> block(x, ...)``, under ``nnx.remat`` as ``self.remat`` says."""
-    def run(block: Block, x: jax.Array):
-      return block(x, train=train, want_probs=want_probs)
+  def _block_fn(self, *, train: bool, want_probs: bool) -> Callable[..., Any]:
+    """``(block, x, positions, mask) -> block(x, ...)``, under ``nnx.remat`` as ``self.remat`` says
+    (``positions``/``mask`` None: the unpacked call)."""
+    def run(block: Block, x: jax.Array, positions: jax.Array | None, mask: jax.Array | None):
+      return block(x, train=train, want_probs=want_probs, positions=positions, mask=mask)
 
     if self.remat == "none":
       return run
@@ -353,8 +366,9 @@ class GPT(nnx.Module):
     # Inside a scan the loop already keeps the recomputation from being merged away.
     return nnx.remat(run, policy=policy, prevent_cse=not self.scan_layers)
 
-  def __call__(self, tokens: jax.Array, *, train: bool,
-               taps: Sequence[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, tokens: jax.Array, *, train: bool, taps: Sequence[str] = (),
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens: expected [batch, length] integer ids, got {tokens.dtype} {tokens.shape}")
@@ -364,13 +378,19 @@ class GPT(nnx.Module):
     if unknown:
       raise ValueError(f"taps: unknown {unknown}; this model has block0..{self.num_layers - 1}, "
                        f"attn{{i}}, values{{i}}, final")
+    segment_ids, positions = check_packing(segment_ids, positions, tokens.shape)
+    mask = None
+    if segment_ids is not None or positions is not None:
+      segment_ids = jnp.zeros_like(tokens, jnp.int32) if segment_ids is None else segment_ids
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
+      mask = segment_visible(segment_ids, positions, None)
     x = self.drop(self._embed(tokens), deterministic=not train)
     feats: dict[str, jax.Array] = {}
     if self.scan_layers:
-      x = self._scan(x, feats, train=train, taps=taps)
+      x = self._scan(x, feats, train=train, taps=taps, positions=positions, mask=mask)
     else:
       for i, block in enumerate(self.blocks):
-        x, probs, values = self._block_fn(train=train, want_probs=f"attn{i}" in taps)(block, x)
+        x, probs, values = self._block_fn(train=train, want_probs=f"attn{i}" in taps)(block, x, positions, mask)
         feats[f"block{i}"] = x
         if f"attn{i}" in taps:
           feats[f"attn{i}"] = probs
@@ -380,7 +400,8 @@ class GPT(nnx.Module):
     feats["final"] = h
     return self._logits(h), feats
 
-  def _scan(self, x: jax.Array, feats: dict[str, jax.Array], *, train: bool, taps: Sequence[str]) -> jax.Array:
+  def _scan(self, x: jax.Array, feats: dict[str, jax.Array], *, train: bool, taps: Sequence[str],
+            positions: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     """The stacked blocks as one ``nnx.scan``; records ``block{i}`` (and requested ``values{i}``)."""
     attn = sorted(t for t in taps if t.startswith("attn"))
     if attn:
@@ -390,7 +411,7 @@ class GPT(nnx.Module):
     run = self._block_fn(train=train, want_probs=False)
 
     def body(x: jax.Array, block: Block):
-      x, _, values = run(block, x)
+      x, _, values = run(block, x, positions, mask)
       return x, (x, values if want_values else None)
 
     scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),

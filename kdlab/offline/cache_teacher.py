@@ -26,7 +26,8 @@ def cache_teacher(config: Any, out_dir: str | os.PathLike, *, shard_size: int = 
 
   Keeps ``config.teacher_cache_k`` tokens per position, calling the teacher on
   ``config.data.eval_batch_size`` sequences at a time on ``config.mesh`` (batch split over the
-  data axes). Returns :func:`build_cache`'s ``(meta, built)``.
+  data axes). With several processes (:func:`kdlab.distributed.initialize` called first) each one
+  computes and writes its rows of every batch. Returns :func:`build_cache`'s ``(meta, built)``.
   """
   k = teacher_cache.teacher_k(config)
   dataset = teacherlib.train_text(config)
@@ -43,12 +44,13 @@ def cache_teacher(config: Any, out_dir: str | os.PathLike, *, shard_size: int = 
   sharding = meshlib.batch_sharding(mesh)
 
   @jax.jit
-  def logits(v, tokens):
+  def logits(v, tokens, segment_ids=None, positions=None):
     tokens = jax.lax.with_sharding_constraint(tokens, sharding)
-    return run_teachers(teachers, [v], tokens)[0].logits
+    return run_teachers(teachers, [v], tokens, segment_ids=segment_ids, positions=positions)[0].logits
 
   info = {"config": config_spec, "teacher_init": str(pathlib.Path(spec["init"]).absolute()),
           "teacher_model": spec["model"], "data": config.data.to_dict() if hasattr(config.data, "to_dict")
           else dict(config.data)}
-  return teacher_cache.build_cache(functools.partial(logits, variables[0]), dataset, k=k, out_dir=out_dir, fingerprint=fp,
-                     batch_size=batch_size, shard_size=shard_size, info=info, progress=progress)
+  return teacher_cache.build_cache(functools.partial(logits, variables[0]), dataset, k=k, out_dir=out_dir,
+                                   fingerprint=fp, batch_size=batch_size, shard_size=shard_size, info=info,
+                                   progress=progress, mesh=mesh)

@@ -75,7 +75,8 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int | None = None)
   for i in setup.objective_teachers:
     spec = setup.teacher_specs[i]
     t_graphdef, params, rest, _ = teacherlib.teacher_layout(spec, i, mesh, rules)
-    teachers.append(Teacher(spec["name"], t_graphdef, tuple(spec.get("taps", ())), spec.get("vocab")))
+    teachers.append(Teacher(spec["name"], t_graphdef, tuple(spec.get("taps", ())), spec.get("vocab"),
+                            spec.get("input_key")))
     teacher_vars.append((params, rest))
     teacher_rows.append({"name": spec["name"], "model": spec["model"]["name"], "parameters": _count(params),
                          "dtype": str(jax.tree.leaves(params)[0].dtype),

@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kdlab import distributed
@@ -248,7 +249,10 @@ def load_student_variables(directory: str | pathlib.Path, field: str) -> tuple[A
   ``directory`` is a run's ``checkpoints/`` folder; ``field`` names the config
   field it came from, for error messages.
   """
-  restored = ocp.StandardCheckpointer().restore(latest_state(directory, field))
+  path = latest_state(directory, field)
+  # Host numpy arrays whatever devices saved them: the saving process's devices (cpu:0) may not exist here.
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _item_metadata(path))
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return restored["params"]["student"], restored["rest"].get("student", {})
 
 

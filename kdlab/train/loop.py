@@ -380,7 +380,8 @@ def make_jitted_train_step(setup: Any, graphdef: Any, tx: Any, teachers: Sequenc
                             connector_warmup_steps=config.get("connector_warmup_steps", 0),
                             task=setup.task, student_taps=setup.student_taps,
                             lr_schedule=optim.learning_rate(config.optimizer, setup.steps_per_epoch, setup.total_steps),
-                            microbatches=config.train.get("microbatches", 1), student_vocab=setup.student_vocab)
+                            microbatches=config.train.get("microbatches", 1), student_vocab=setup.student_vocab,
+                            token_normalization=config.train.get("token_normalization", "sequence"))
   if n > 1:
     step_fn = jax.vmap(step_fn, in_axes=(0, None, 0))
   teacher_sharding = jax.tree.map(lambda x: x.sharding, list(teacher_vars))

@@ -26,7 +26,7 @@ from kdlab.objective import ModelOutput, Objective, Shapes, build as build_objec
 from kdlab.train import on_policy, optim, ranges, student_init, tasks
 from kdlab.train import teachers as teacherlib
 from kdlab.train.state import Learner, TrainState, split_learner
-from kdlab.train.step import check_microbatches, forward, make_eval_step
+from kdlab.train.step import TEACHER_INPUT, check_microbatches, forward, make_eval_step
 
 
 @dataclasses.dataclass
@@ -131,13 +131,16 @@ def prepare(config: ml_collections.ConfigDict, *, need_weights: bool = True) -> 
   x = batch[task.input_key]
   requested = _requested_taps(config.objective)
   s_out, student_taps = _fitted_output(student, student_kwargs, x, requested, "config.model", data_cfg.source)
+  # Cross-tokenizer distillation (config.data.teacher_tokenizer): teachers read the text tokenized their way.
+  cross = TEACHER_INPUT in batch
   t_outs = []
   for i, (spec, teacher) in enumerate(zip(teacher_specs, teachers)):
-    t_out, spec["taps"] = _fitted_output(teacher, spec["model"], x, requested, f"config.teachers[{i}]",
-                                     data_cfg.source)
+    t_out, spec["taps"] = _fitted_output(teacher, spec["model"], batch[TEACHER_INPUT] if cross else x, requested,
+                                         f"config.teachers[{i}]", data_cfg.source)
+    spec["input_key"] = TEACHER_INPUT if cross else None
     t_outs.append(t_out)
   # Teacher and student of one tokenizer, embeddings padded to different sizes: compare the common columns.
-  vocab = teacherlib.common_vocab(config, teacher_specs, s_out, t_outs)
+  vocab = None if cross else teacherlib.common_vocab(config, teacher_specs, s_out, t_outs)
   student_vocab = None
   if vocab is not None:
     student_vocab = vocab if s_out.logits.shape[-1] > vocab else None

@@ -52,6 +52,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str, str]] = {
                                       "epochs between checkpoints; the last step is always saved", "1.0"),
     "train.microbatches": (_whole(1), "a whole number >= 1", "slices of each batch; 1: no gradient accumulation",
                            "1"),
+    "train.token_normalization": (lambda v: isinstance(v, str) and v in ("sequence", "global"),
+                                  "'sequence' or 'global'", "how token losses are averaged: per sequence, or per "
+                                  "token over the whole global batch", "global"),
     "train.max_loss": (_optional(_number(0, strict=True)), "None or a number > 0",
                        "a logged mean train loss above it stops the run; None: off", "10.0"),
     "checkpoint.keep": (_whole(1), "a whole number >= 1", "the latest checkpoints kept", "2"),

@@ -25,6 +25,9 @@ from kdlab.train import tasks as tasklib
 from kdlab.train.state import TrainState
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
+PACKING_KEYS = ("segment_ids", "positions")  # optional [B, L] keys of packed text batches
+TOKEN_NORMALIZATIONS = ("sequence", "global")  # config.train.token_normalization
+TEACHER_INPUT = "teacher_tokens"  # the teachers' own tokenization (config.data.teacher_tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +41,31 @@ class Teacher:
   graphdef: nnx.GraphDef
   taps: tuple[str, ...] = ()
   vocab: int | None = None  # compare only the first ``vocab`` logits (embedding rows past the tokenizer's)
+  # The batch key of this teacher's own input (cross-tokenizer distillation: "teacher_tokens", the text
+  # tokenized the teacher's way, one unpacked example per row); None: the student's input.
+  input_key: str | None = None
 
 
 def forward(model: nnx.Module, x: jax.Array, *, train: bool, taps: Sequence[str] = (),
-            vocab: int | None = None) -> ModelOutput:
+            vocab: int | None = None, segment_ids: jax.Array | None = None,
+            positions: jax.Array | None = None) -> ModelOutput:
   """``model(x)`` as a :class:`ModelOutput`, asking for the optional ``taps`` and, for models with
   an ``unembedding()`` (``gpt``), carrying that ``[D, V]`` matrix (fused token distillation reads it).
 
   ``vocab``: keep only the first ``vocab`` logits (and unembedding columns): a teacher and a
   student of one tokenizer whose embeddings are padded to different sizes are compared over the
-  common columns.
+  common columns. ``segment_ids`` / ``positions`` (int ``[B, L]``, packed text rows) are passed to
+  the model as keyword arguments only when given (the decoders take them; other models never see
+  them).
   """
-  logits, feats = model(x, train=train, taps=tuple(taps)) if taps else model(x, train=train)
+  kwargs: dict[str, Any] = {}
+  if taps:
+    kwargs["taps"] = tuple(taps)
+  if segment_ids is not None:
+    kwargs["segment_ids"] = segment_ids
+  if positions is not None:
+    kwargs["positions"] = positions
+  logits, feats = model(x, train=train, **kwargs)
   unembedding = model.unembedding() if isinstance(model, Unembedding) else None
   if getattr(model, "logit_softcap", None):  # logits = c tanh(final @ W / c): no plain unembedding to fuse
     unembedding = None
@@ -60,11 +76,21 @@ def forward(model: nnx.Module, x: jax.Array, *, train: bool, taps: Sequence[str]
 
 
 def run_teachers(teachers: Sequence[Teacher], variables: Sequence[Any], x: jax.Array, *,
-                 with_taps: bool = True) -> list[ModelOutput]:
+                 with_taps: bool = True, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, batch: dict[str, Any] | None = None) -> list[ModelOutput]:
+  """Each frozen teacher on ``x`` (eval mode, under ``stop_gradient``), with its taps unless not
+  ``with_taps``, on packed rows when ``segment_ids`` / ``positions`` are given (see :func:`forward`).
+  A teacher with an ``input_key`` reads ``batch[input_key]`` instead (its own tokenization; unpacked)."""
   outs = []
   for teacher, v in zip(teachers, variables):
-    out = forward(nnx.merge(teacher.graphdef, *v), x, train=False, taps=teacher.taps if with_taps else (),
-                  vocab=teacher.vocab)
+    if teacher.input_key is not None:
+      if batch is None or teacher.input_key not in batch:
+        raise ValueError(f"teacher {teacher.name}: its input {teacher.input_key!r} is not in the batch")
+      inputs, packed = batch[teacher.input_key], {}
+    else:
+      inputs, packed = x, dict(segment_ids=segment_ids, positions=positions)
+    out = forward(nnx.merge(teacher.graphdef, *v), inputs, train=False, taps=teacher.taps if with_taps else (),
+                  vocab=teacher.vocab, **packed)
     outs.append(jax.lax.stop_gradient(out))
   return outs
 
@@ -99,6 +125,25 @@ def check_microbatches(batch_size: int, microbatches: Any, data_parallel: int = 
   return k
 
 
+def packing(batch: dict[str, Any]) -> dict[str, Any]:
+  """The packed-row keys a batch carries (``segment_ids``, ``positions``), as :func:`forward`'s
+  keyword arguments; empty for unpacked batches."""
+  return {name: batch[name] for name in PACKING_KEYS if name in batch}
+
+
+def global_token_weights(batch: dict[str, Any]) -> jax.Array:
+  """``[B, L]`` float32 ``token_mask * B / N``: ``B`` the rows counted by ``batch["mask"]``, ``N`` the
+  tokens they count (``token_mask`` of those rows); all zero when ``N = 0``.
+
+  Token-level terms given these weights return ``sum_l weights * loss`` per sequence, so the
+  objective's mean over the ``B`` rows is ``sum(loss * token_mask) / N`` (see :func:`make_train_step`).
+  """
+  rows = jnp.asarray(batch["mask"]).astype(jnp.float32)
+  tokens = jnp.asarray(batch["token_mask"]).astype(jnp.float32) * rows[:, None]
+  n = jnp.sum(tokens)
+  return tokens * jnp.where(n > 0, jnp.sum(rows) / jnp.where(n > 0, n, 1.0), 0.0)
+
+
 def split_microbatches(batch: dict[str, Any], k: int) -> dict[str, Any]:
   """``[B, ...]`` entries -> ``[k, B/k, ...]``; microbatch ``j`` holds rows ``j, j + k, j + 2k, ...``.
 
@@ -119,7 +164,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
                     *, term_grad_norms: bool = False, connector_warmup_steps: int = 0,
                     task: tasklib.Task = tasklib.CLASSIFICATION, student_taps: Sequence[str] = (),
                     lr_schedule: optax.Schedule | None = None, microbatches: int = 1,
-                    student_vocab: int | None = None,
+                    student_vocab: int | None = None, token_normalization: str = "sequence",
                     ) -> Callable[[TrainState, Sequence[Any], dict], tuple[TrainState, Metrics]]:
   """``step(state, teacher_variables, batch) -> (state, metrics)`` (not yet jitted).
 
@@ -165,7 +210,25 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
   of tokens. It differs where the loss couples examples of a batch (sp, rkd_*, pkt, cc, info_nce,
   crd's negatives and memory updates), where batch norm normalizes by batch statistics, and
   where dropout draws differ.
+
+  Packed text rows: ``batch["segment_ids"]`` / ``batch["positions"]`` (when present) go to the
+  student, the teachers and the EMA teacher (:func:`forward`).
+
+  ``token_normalization`` (``config.train.token_normalization``): ``"sequence"`` (each sequence's
+  token losses averaged over its own tokens, then the mean over sequences) or ``"global"``: before
+  the microbatch split the step sets ``batch["token_weights"] = token_mask * B / N``
+  (:func:`global_token_weights`, over the global batch, so it does not depend on the devices) and
+  the token-level terms return ``l_b = sum_l w_bl loss_bl``. The objective averages per-example
+  losses over the ``C_j`` rows of ``batch["mask"]`` in each microbatch and the step averages the
+  ``k`` microbatches:
+      mean_j (1/C_j) sum_{b in j} l_b = (1/B) sum_b (B/N) sum_l m_bl loss_bl = sum_bl m_bl loss_bl / N
+  as ``C_j = B/k`` (training batches are all-True and split into equal microbatches): one mean per
+  token over the whole global batch, the same for any ``k`` and any data-parallel size. Batches
+  without ``token_mask`` (one prediction per example) are left as they are.
   """
+  if token_normalization not in TOKEN_NORMALIZATIONS:
+    raise UserError(f"config.train.token_normalization={token_normalization!r}: must be one of "
+                    f"{', '.join(map(repr, TOKEN_NORMALIZATIONS))}; use e.g. 'global'")
   if isinstance(connector_warmup_steps, bool) or not isinstance(connector_warmup_steps, int) \
       or connector_warmup_steps < 0:
     raise UserError(f"config.connector_warmup_steps must be an int >= 0, got {connector_warmup_steps!r}")
@@ -177,16 +240,16 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
                key: jax.Array) -> tuple[Any, Metrics, Metrics, Any, Any]:
     """Forward and backward on one (micro)batch: ``(grads, metrics, task_metrics, term_states, rest)``."""
     ones = jnp.ones((), jnp.float32)
-    x = batch[task.input_key]
-    t_outs = run_teachers(teachers, teacher_variables, x)
+    x, packed = batch[task.input_key], packing(batch)
+    t_outs = run_teachers(teachers, teacher_variables, x, batch=batch, **packed)
     if ema_decay is not None:
       ema_student = nnx.merge(graphdef, state.ema, state.rest).student
       t_outs.append(jax.lax.stop_gradient(forward(ema_student, x, train=False, taps=student_taps,
-                                                  vocab=student_vocab)))
+                                                  vocab=student_vocab, **packed)))
 
     def run(params, per_term: bool):
       learner = nnx.merge(graphdef, params, rest)
-      s_out = forward(learner.student, x, train=True, taps=student_taps, vocab=student_vocab)
+      s_out = forward(learner.student, x, train=True, taps=student_taps, vocab=student_vocab, **packed)
       logits = s_out.logits
       inputs = StepInputs(s_out, t_outs, batch, state.step, key)
       if per_term:
@@ -245,6 +308,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
   def step(state: TrainState, teacher_variables: Sequence[Any], batch: dict) -> tuple[TrainState, Metrics]:
     ones = jnp.ones((), jnp.float32)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    if token_normalization == "global" and "token_mask" in batch:
+      batch = {**batch, "token_weights": global_token_weights(batch)}
     if microbatches == 1:
       grads, metrics, task_metrics, term_states, rest = grads_of(state, teacher_variables, batch, state.rest,
                                                                  state.term_states, key)
@@ -292,9 +357,10 @@ def make_eval_step(graphdef: nnx.GraphDef, teachers: Sequence[Teacher], task: ta
   def eval_step(state: TrainState, teacher_variables: Sequence[Any], batch: dict,
                 logit_offset: jax.Array) -> Metrics:
     learner = nnx.merge(graphdef, state.params, state.rest)
-    x = batch[task.input_key]
-    s_out = forward(learner.student, x, train=False, vocab=student_vocab)
-    t_out = run_teachers(teachers[:1], teacher_variables[:1], x, with_taps=False)[0] if teachers else None
+    x, packed = batch[task.input_key], packing(batch)
+    s_out = forward(learner.student, x, train=False, vocab=student_vocab, **packed)
+    t_out = (run_teachers(teachers[:1], teacher_variables[:1], x, with_taps=False, batch=batch, **packed)[0]
+             if teachers else None)
     return task.eval_metrics(s_out, t_out, batch, logit_offset)
 
   return eval_step

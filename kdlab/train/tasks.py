@@ -4,7 +4,8 @@ The loop (:mod:`kdlab.train.loop`) and the train step (:mod:`kdlab.train.step`) 
 task says which batch entry the models read (``input_key``), how the splits are loaded and
 batched, what is checked about the models at start-up, which metrics the train and eval steps
 add, and what ``summary.json`` holds. :func:`for_source` picks the task from
-``config.data.source``: text corpora (``pysrc``) are language modelling, the rest classification.
+``config.data.source``: text corpora (``pysrc``), generated data (``generated:DIR``) and local
+instruction data (``jsonl:PATH``, ``parquet:PATH``) are language modelling, the rest classification.
 
 Classification: ``image`` in, ``[B, C]`` logits, eval metrics ``test/*`` (accuracy, errors,
 per-class errors, CE) and, against ``config.teachers[0]``, ``agreement/top1`` and
@@ -30,7 +31,7 @@ import numpy as np
 
 from kdlab import data as kdata
 from kdlab.config import show
-from kdlab.data import generated, pipeline, text
+from kdlab.data import generated, instruct, pipeline, text
 from kdlab.data.augment import AUGMENTATIONS
 from kdlab.errors import UserError
 from kdlab.objective import ModelOutput
@@ -237,10 +238,17 @@ def _positive_int(data_cfg: Any, key: str, default: Any, allow_none: bool = Fals
 
 
 class LanguageModel(Task):
-  """Next-token prediction on packed text (``pysrc``); models take ``tokens [B, L]``.
+  """Next-token prediction on packed text (``pysrc``, ``generated:DIR``, ``jsonl:PATH``, ``parquet:PATH``);
+  models take ``tokens [B, L]``.
 
   Data fields: ``seq_len`` (tokens per sequence), ``max_bytes`` / ``eval_max_bytes`` (text read
-  for the train / validation split; None for all), ``batch_size``, ``eval_batch_size``.
+  for the train / validation split; None for all; not used by ``jsonl:``/``parquet:``, which read
+  whole files), ``batch_size``, ``eval_batch_size``, ``tokenizer``; for ``jsonl:``/``parquet:`` also
+  ``chat_template``, ``loss_mask``, ``packing``, ``drop_long``, ``validation_fraction``
+  (:mod:`kdlab.data.instruct`). Their batches carry ``segment_ids`` and ``positions`` ``[B, L]``.
+  With ``teacher_tokenizer`` (and ``teacher_seq_len``; ``jsonl:``/``parquet:`` only) they also carry the
+  teacher's own tokenization and the aligned chunks (:mod:`kdlab.data.pipeline`), and teachers may
+  have the teacher tokenizer's vocabulary instead of the student's.
   """
 
   name = "language_model"
@@ -256,8 +264,15 @@ class LanguageModel(Task):
     seq_len = _positive_int(data_cfg, "seq_len", None)
     max_bytes = _positive_int(data_cfg, "max_bytes", None, allow_none=True)
     eval_max_bytes = _positive_int(data_cfg, "eval_max_bytes", None, allow_none=True)
+    teacher_tokenizer = data_cfg.get("teacher_tokenizer")
+    if teacher_tokenizer is not None and not instruct.is_instruct_source(data_cfg.source):
+      raise UserError(f"config.data.teacher_tokenizer={show(teacher_tokenizer)}: the teacher's own tokenization needs "
+                      f"examples from jsonl:PATH or parquet:PATH, not {data_cfg.source!r}; use such a source or "
+                      f"teacher_tokenizer=None")
     if generated.is_generated(data_cfg.source):  # teacher samples (kdlab generate-data): sequence-level KD
       return generated.load_splits(data_cfg.source, seq_len=seq_len, eval_max_bytes=eval_max_bytes)
+    if instruct.is_instruct_source(data_cfg.source):  # chats, prompt/completion pairs, texts from local files
+      return instruct.load(data_cfg.source, instruct.options(data_cfg, seq_len))
     try:
       tokenizer = data_cfg.get("tokenizer") or "byte"
       train = text.load_text(data_cfg.source, "train", seq_len=seq_len, max_bytes=max_bytes, tokenizer=tokenizer)
@@ -269,19 +284,29 @@ class LanguageModel(Task):
 
   def abstract_batch(self, source: text.TextSource, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     shape = (batch_size, source.seq_len)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "token_mask": jax.ShapeDtypeStruct(shape, jnp.float32),
-            "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-            "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+    batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
+             "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
+             "token_mask": jax.ShapeDtypeStruct(shape, jnp.float32),
+             "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+             "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+    if getattr(source.records, "segment_ids", None) is not None:  # packed examples
+      batch["segment_ids"] = jax.ShapeDtypeStruct(shape, jnp.int32)
+      batch["positions"] = jax.ShapeDtypeStruct(shape, jnp.int32)
+    for key, values in getattr(source.records, "extra", {}).items():  # the teacher's tokenization (cross-tokenizer)
+      batch[key] = jax.ShapeDtypeStruct((batch_size, *values.shape[1:]), values.dtype)
+    return batch
 
   def check_models(self, student: Any, teachers: Sequence[Any], teacher_fields: Sequence[str],
                    data_cfg: Any) -> None:
     seq_len = data_cfg.seq_len
-    for model, field in ((student, "config.model"), *zip(teachers, teacher_fields)):
+    t_len, t_key = seq_len, "seq_len"
+    if data_cfg.get("teacher_tokenizer") and data_cfg.get("teacher_seq_len") not in (None, seq_len):
+      t_len, t_key = data_cfg.teacher_seq_len, "teacher_seq_len"  # teachers read their own tokenization
+    for model, field, length, key in ((student, "config.model", seq_len, "seq_len"),
+                                      *((t, f, t_len, t_key) for t, f in zip(teachers, teacher_fields))):
       max_len = getattr(model, "max_len", None)
-      if max_len is not None and seq_len > max_len:
-        raise UserError(f"config.data.seq_len={seq_len} exceeds {field}.max_len={max_len}; shorten seq_len "
+      if max_len is not None and length > max_len:
+        raise UserError(f"config.data.{key}={length} exceeds {field}.max_len={max_len}; shorten {key} "
                         f"or use a model with a longer max_len")
 
   def check_outputs(self, s_out: ModelOutput, t_outs: Sequence[ModelOutput], source: text.TextSource,
@@ -293,10 +318,18 @@ class LanguageModel(Task):
     if vocab < source.vocab_size:
       raise UserError(f"config.model.vocab_size={vocab} is smaller than the {source.vocab_size} tokens of "
                       f"{data_cfg.source}'s tokenizer; use vocab_size={source.vocab_size}")
+    t_vocab = getattr(source, "teacher_vocab_size", None)  # the source carries the teacher's own tokenization
     for i, t_out in enumerate(t_outs):
-      if t_out.logits.ndim != 3 or t_out.logits.shape[-1] != vocab:
-        raise UserError(f"config.teachers[{i}]: the teacher's vocab_size is {t_out.logits.shape[-1]} but the "
-                        f"student's {vocab}; distil between models with the same vocab_size (and tokenizer)")
+      size = t_out.logits.shape[-1]
+      if t_out.logits.ndim == 3 and (size == vocab or (t_vocab is not None and size >= t_vocab)):
+        continue
+      if t_vocab is not None and t_out.logits.ndim == 3:
+        raise UserError(f"config.teachers[{i}]: the teacher's vocab_size={size} is smaller than the {t_vocab} tokens "
+                        f"of config.data.teacher_tokenizer={show(data_cfg.teacher_tokenizer)} (and not the student's "
+                        f"{vocab}); use the teacher that tokenizer belongs to")
+      raise UserError(f"config.teachers[{i}]: the teacher's vocab_size is {size} but the student's {vocab}; distil "
+                      f"between models with the same vocab_size (and tokenizer), or set config.data.teacher_tokenizer "
+                      f"to the teacher's tokenizer (cross-tokenizer distillation)")
 
   def train_dataset(self, source: text.TextSource, data_cfg: Any, seed: int, rows: tuple[int, int] | None = None
                     ) -> grain.MapDataset:
@@ -328,7 +361,14 @@ class LanguageModel(Task):
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     metrics: Metrics = {"val/loss": (jnp.sum(nll(logits) * w), count),
                         "val/accuracy": (jnp.sum(correct * w), count)}
-    if t_out is not None:
+    if t_out is not None and "teacher_tokens" in batch:
+      # A teacher of another tokenizer read its own tokens: its loss per its own token; no token-by-token
+      # comparison with the student.
+      t_logits = t_out.logits.astype(jnp.float32)
+      t_w = batch["teacher_token_mask"].astype(jnp.float32) * batch["mask"].astype(jnp.float32)[:, None]
+      t_nll = -jnp.take_along_axis(jax.nn.log_softmax(t_logits), batch["teacher_targets"][..., None], -1)[..., 0]
+      metrics["val/teacher_loss"] = (jnp.sum(t_nll * t_w), jnp.sum(t_w))
+    elif t_out is not None:
       t_logits = t_out.logits.astype(jnp.float32)
       metrics.update(_teacher_agreement(logits, t_logits, w, count, "val"))
       metrics["val/teacher_loss"] = (jnp.sum(nll(t_logits) * w), count)
@@ -353,6 +393,7 @@ class LanguageModel(Task):
         "kl_teacher": values.get("val/kl_teacher"),
         "agreement_top1": values.get("agreement/top1"),
         "teacher_val_loss": values.get("val/teacher_loss"),
+        **(_example_counts(source.stats) if isinstance(source, instruct.InstructSource) else {}),
     }
 
   def headline(self, summary: dict[str, Any]) -> str:
@@ -364,13 +405,22 @@ class LanguageModel(Task):
     return line
 
 
+def _example_counts(stats: dict[str, dict[str, int]]) -> dict[str, int]:
+  """Summary fields of a ``jsonl:``/``parquet:`` source: examples per split, and those dropped or cut at seq_len."""
+  return {"train_examples": stats["train"]["examples"], "val_examples": stats["validation"]["examples"],
+          "dropped_long": sum(s["dropped"] for s in stats.values()),
+          "truncated_examples": sum(s["truncated"] for s in stats.values())}
+
+
 CLASSIFICATION = Classification()
 LANGUAGE_MODEL = LanguageModel()
 
 
 def for_source(source: str) -> Task:
   """The task of ``config.data.source``."""
-  return LANGUAGE_MODEL if text.is_text_source(source) or generated.is_generated(source) else CLASSIFICATION
+  if text.is_text_source(source) or generated.is_generated(source) or instruct.is_instruct_source(source):
+    return LANGUAGE_MODEL
+  return CLASSIFICATION
 
 
 def for_summary(summary: dict[str, Any]) -> Task:

@@ -231,7 +231,8 @@ def load_teachers(specs: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh, rule
       variables.append((params, rest))
     else:
       variables.append(_restore_teacher(spec["init"], params_like, rest, f"config.teachers[{i}].init"))
-    teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ())), spec.get("vocab")))
+    teachers.append(Teacher(spec["name"], graphdef, tuple(spec.get("taps", ())), spec.get("vocab"),
+                            spec.get("input_key")))
   return teachers, variables
 
 

@@ -15,7 +15,9 @@ Any other key is the loss function's keyword hyperparameter.
 Token logits (language models, ``[B, L, V]``, text batches): ``ce`` compares with
 ``batch["targets"]`` and the logit terms with the teacher's logits position by position; each
 per-token loss is averaged over the sequence's real tokens (``batch["token_mask"]``), giving one
-loss per sequence (:mod:`kdlab.losses.sequence`). ``kd``, ``reverse_kl``, ``jsd`` and ``tvd`` take
+loss per sequence (:mod:`kdlab.losses.sequence`); under ``config.train.token_normalization="global"`` the
+train step adds ``batch["token_weights"]`` and that mean becomes the weighted sum (one mean per token over
+the global batch). ``kd``, ``reverse_kl``, ``jsd`` and ``tvd`` take
 ``impl="plain" | "chunked" | "fused"`` (and ``chunk_size``, tokens per chunk): ``chunked`` never
 holds more than one chunk of ``[tokens, V]`` probabilities; ``fused`` computes the logits chunk by
 chunk from ``feats["final"]`` and each model's unembedding (``ModelOutput.unembedding``) inside
@@ -24,10 +26,13 @@ The logit terms also take ``length_normalize=False``: the sum over the sequence'
 of their mean (the per-sequence loss scales with the generated length; MiniLLM's option).
 ``attention_kl`` / ``value_relation`` (MiniLM) average over the query positions with a real target.
 
+Cross-tokenizer terms (teacher and student with different vocabularies): ``uld`` and ``aligned_kd``;
+:mod:`kdlab.objective.terms.cross_tokenizer` lists the batch keys they read.
+
 Connectors (:mod:`kdlab.models.connectors`) are built here from the tap shapes and called with
 ``train=True`` inside the train step; a term whose taps they cannot connect fails at start-up
 with a message naming the taps.
 """
 
 
-from kdlab.objective.terms import features, logits  # noqa: F401  (registering is importing)
+from kdlab.objective.terms import cross_tokenizer, features, logits  # noqa: F401  (registering is importing)

@@ -83,6 +83,28 @@ def token_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
   return batch["token_mask"]
 
 
+def token_weights(batch: Mapping[str, jax.Array]) -> jax.Array | None:
+  """``[B, L]`` per-token weights ``token_mask * B / N`` when the train step normalizes per token over
+  the global batch (``config.train.token_normalization="global"``), else None (per-sequence means)."""
+  return batch.get("token_weights")
+
+
+def per_sequence(per_token: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """``[B, L]`` per-token losses -> ``[B]``: the mean over each sequence's ``token_mask``, or the sum
+  weighted by ``batch["token_weights"]`` when the step set them."""
+  return sequence.masked_sequence_mean(per_token, token_mask(batch), weights=token_weights(batch))
+
+
+def rescale_query_mean(per_example: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """A ``[B]`` mean over each sequence's query positions with ``token_mask > 0`` as the global
+  per-token form ``sum_l token_weights * loss``: times ``sum_l token_weights`` (the count of the
+  row's tokens times ``B / N``, for a 0/1 ``token_mask``); unchanged without ``token_weights``."""
+  weights = token_weights(batch)
+  if weights is None:
+    return per_example
+  return per_example * jnp.sum(jnp.asarray(weights, jnp.float32), axis=-1)
+
+
 def labels(batch: Mapping[str, jax.Array], token: bool) -> jax.Array:
   return batch["targets"] if token else batch["label"]
 

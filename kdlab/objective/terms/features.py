@@ -144,7 +144,9 @@ def feature_term(loss_fn: Callable[..., jax.Array], *, default_tap: str | None =
   ``connector(pair, spec, rngs)`` builds one pair's connector (popping its options from
   ``spec``; ``None`` for no connector); ``apply(connector, s, t) -> (s, t, extra_kwargs)`` maps
   the taps through it inside the step. With ``query_mask``, text batches pass
-  ``where=token_mask > 0`` (``[B, L]``: the loss averages over positions with a real target).
+  ``where=token_mask > 0`` (``[B, L]``: the loss averages over positions with a real target), and
+  under ``config.train.token_normalization="global"`` that mean becomes the ``token_weights`` sum
+  (:func:`common.rescale_query_mean`).
   """
 
   def builder(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
@@ -175,6 +177,8 @@ def feature_term(loss_fn: Callable[..., jax.Array], *, default_tap: str | None =
           s, t, extra = apply(None if module is None else module[i], s, t)
         loss = loss_fn(s, t, **hparams, **extra, **where)
         total = loss if total is None else total + loss
+      if where:
+        total = common.rescale_query_mean(total, inputs.batch)
       return total, None
 
     return fn, made, None

@@ -19,7 +19,8 @@ from kdlab.objective.types import CACHE_KEYS, Shapes, StepInputs
 
 @register_term("ce", group="task")
 def _ce(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
-  """Cross-entropy with the labels; for token logits with ``batch["targets"]``, per sequence."""
+  """Cross-entropy with the labels; for token logits with ``batch["targets"]``, per sequence (or
+  weighted by ``batch["token_weights"]`` under ``config.train.token_normalization="global"``)."""
   tap = spec.pop("student", "logits")
   token = common.is_token(common.tap_shape(shapes.student, tap, "student"))
   hparams = common.hparams(losses.ce, spec)
@@ -27,7 +28,7 @@ def _ce(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
   def fn(connector: Any, inputs: StepInputs, state: Any):
     loss = losses.ce(inputs.student.tap(tap), common.labels(inputs.batch, token), **hparams)
     if token:
-      loss = sequence.masked_sequence_mean(loss, common.token_mask(inputs.batch))
+      loss = common.per_sequence(loss, inputs.batch)
     return loss, None
 
   return fn, None, None
@@ -85,30 +86,36 @@ def logit_pair_term(loss_fn: Callable[..., jax.Array], *, needs_labels: bool = F
       return losses.combine_teachers(jnp.stack(taps), method=method, temperature=temperature,
                                      weights=None if weights is None else jnp.asarray(weights), labels=labels)
 
-    def fn(connector: Any, inputs: StepInputs, state: Any):
+    def per_sequence(inputs: StepInputs, weights: jax.Array | None) -> jax.Array:
+      """``[B]`` (or ``[B, ...]`` for non-token taps): the mean over each sequence's tokens, or the
+      sum weighted by ``weights``."""
+      mask = common.token_mask(inputs.batch) if token else None
       if impl == "fused":
         s_out, t_out = inputs.student, common.teacher_output(inputs, teachers[0])
         return sequence.fused_token_kd(s_out.feats["final"], s_out.unembedding, t_out.feats["final"],
-                                       t_out.unembedding, common.token_mask(inputs.batch), divergence=loss_fn.__name__,
-                                       chunk_size=chunk_size, **hparams), None
+                                       t_out.unembedding, mask, divergence=loss_fn.__name__, chunk_size=chunk_size,
+                                       weights=weights, **hparams)
       s, t = inputs.student.tap(s_tap), target(inputs)
       if impl == "chunked":
-        return sequence.chunked_token_kd(s, t, common.token_mask(inputs.batch), divergence=loss_fn.__name__,
-                                         chunk_size=chunk_size, **hparams), None
+        return sequence.chunked_token_kd(s, t, mask, divergence=loss_fn.__name__, chunk_size=chunk_size,
+                                         weights=weights, **hparams)
       if needs_labels:
         loss = loss_fn(s, t, common.labels(inputs.batch, token), **hparams)
       else:
         loss = loss_fn(s, t, **hparams)
-      if token:  # Per token -> per sequence: the mean over its real tokens.
-        loss = sequence.masked_sequence_mean(loss, common.token_mask(inputs.batch))
-      return loss, None
+      if token:  # Per token -> per sequence.
+        loss = sequence.masked_sequence_mean(loss, mask, weights=weights)
+      return loss
 
-    if not length_normalize:  # The sum over the sequence's tokens (mean x count) instead of their mean.
-      mean_fn = fn
+    def fn(connector: Any, inputs: StepInputs, state: Any):
+      return per_sequence(inputs, common.token_weights(inputs.batch) if token else None), None
 
+    if not length_normalize:
+      # The sum over the sequence's tokens (mean x count) instead of their mean; a per-sequence sum
+      # whatever config.train.token_normalization (its batch mean already weighs every token alike).
       def fn(connector: Any, inputs: StepInputs, state: Any):
-        loss, new_state = mean_fn(connector, inputs, state)
-        return loss * jnp.sum(common.token_mask(inputs.batch).astype(jnp.float32), axis=-1), new_state
+        loss = per_sequence(inputs, None)
+        return loss * jnp.sum(common.token_mask(inputs.batch).astype(jnp.float32), axis=-1), None
 
     return fn, None, None
 
@@ -134,8 +141,9 @@ def _topk_kd(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
   ``dict(loss="topk_kd", weight=..., temperature=...)``: :func:`kdlab.losses.sequence.topk_kd` of
   the student's ``[B, L, V]`` logits against ``batch["cache/topk_logprobs"]``,
   ``["cache/topk_indices"]`` and ``["cache/rest_logprobs"]`` (merged into every train batch by
-  the loop from the cache), over the tokens of ``batch["token_mask"]``. No teacher runs; with
-  ``k = V`` it equals ``kd`` against the live teacher.
+  the loop from the cache), over the tokens of ``batch["token_mask"]`` (weighted by
+  ``batch["token_weights"]`` under ``config.train.token_normalization="global"``). No teacher runs;
+  with ``k = V`` it equals ``kd`` against the live teacher.
   """
   s_tap = spec.pop("student", "logits")
   s_shape = common.tap_shape(shapes.student, s_tap, "student").shape
@@ -149,11 +157,12 @@ def _topk_kd(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
   k = batch["cache/topk_logprobs"].shape[-1]
   if k > s_shape[-1]:
     raise UserError(f"the teacher cache keeps k={k} tokens but the student's vocab size is {s_shape[-1]}")
-  hparams = common.hparams(sequence.topk_kd, spec, exclude=("rest_logprobs",))
+  hparams = common.hparams(sequence.topk_kd, spec, exclude=("rest_logprobs", "weights"))
 
   def fn(connector: Any, inputs: StepInputs, state: Any):
     b = inputs.batch
     return sequence.topk_kd(inputs.student.tap(s_tap), b["cache/topk_logprobs"], b["cache/topk_indices"],
-                            b["token_mask"], rest_logprobs=b["cache/rest_logprobs"], **hparams), None
+                            b["token_mask"], rest_logprobs=b["cache/rest_logprobs"],
+                            weights=common.token_weights(b), **hparams), None
 
   return fn, None, None
