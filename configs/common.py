@@ -87,3 +87,23 @@ def mnist_mlp(variant: str, options: dict[str, str]) -> ml_collections.ConfigDic
     c.train.checkpoint_every_epochs = 0.25
     c.train.log_every_steps = 10
   return c
+
+
+def lm_training(c: ml_collections.ConfigDict, *, steps: int, learning_rate: float, log_every: int,
+                keep: int = 2) -> ml_collections.ConfigDict:
+  """The run sections shared by the pretrained-LLM configs: no EMA/born-again/warm-up/vmapped seeds,
+  AdamW with a cosine schedule and clipping at 1, ``steps`` steps, evaluation and a checkpoint at the
+  end only (``keep`` kept)."""
+  c.ema_teacher = None
+  c.born_again = None
+  c.connector_warmup_steps = 0
+  c.vmap_seeds = 0
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=learning_rate, weight_decay=0.01, schedule="cosine", warmup_epochs=0.0,
+      boundaries_epochs=[], decay=0.1, clip_grad_norm=1.0, kwargs={}))
+  c.train = ml_collections.ConfigDict(dict(
+      num_epochs=0.0, num_steps=steps, log_every_steps=log_every, eval_every_epochs=1e9,
+      checkpoint_every_epochs=1e9, term_grad_norms=False, microbatches=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=keep, best_metric=None, best_mode=None))
+  c.wandb_project = "kdlab"
+  return c

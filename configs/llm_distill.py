@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import parse_arg
+from common import lm_training, parse_arg
 
 VARIANTS = ("teacher", "sft", "kd", "cache", "reverse_kl", "jsd", "seqkd", "gkd", "xtok")
 OPTIONS = ("data", "teacher", "teacher_run", "cache", "gen", "k", "ce", "new", "steps", "batch", "lr", "seq_len",
@@ -124,17 +124,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed=0))
   c.teacher_cache = options.get("cache") if variant == "cache" else None
   c.teacher_cache_k = int(options.get("k", 8 if quick else 64))
-  c.ema_teacher = None
-  c.born_again = None
-  c.connector_warmup_steps = 0
-  c.vmap_seeds = 0
-  steps = int(options.get("steps", 4 if quick else 1000))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=float(options.get("lr", 3e-3)), weight_decay=0.01,
-      schedule="cosine", warmup_epochs=0.0, boundaries_epochs=[], decay=0.1, clip_grad_norm=1.0, kwargs={}))
-  c.train = ml_collections.ConfigDict(dict(
-      num_epochs=0.0, num_steps=steps, log_every_steps=2 if quick else 50, eval_every_epochs=1e9,
-      checkpoint_every_epochs=1e9, term_grad_norms=False, microbatches=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(keep=1, best_metric=None, best_mode=None))
-  c.wandb_project = "kdlab"
-  return c
+  return lm_training(c, steps=int(options.get("steps", 4 if quick else 1000)),
+                     learning_rate=float(options.get("lr", 3e-3)), log_every=2 if quick else 50, keep=1)

@@ -27,7 +27,7 @@ import pathlib
 
 import ml_collections
 
-from common import parse_arg
+from common import lm_training, parse_arg
 
 VARIANTS = ("kd", "reverse_kl", "jsd", "ce")
 OPTIONS = ("teacher", "student", "layers", "init", "steps", "seq_len", "batch", "lr", "dtype", "impl", "ce",
@@ -84,17 +84,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective = [dict(divergence[variant], weight=1.0 - alpha)] + ([dict(loss="ce", weight=alpha)] if alpha else [])
   else:
     c.objective = [dict(loss="ce", weight=1.0)]
-  c.ema_teacher = None
-  c.born_again = None
-  c.connector_warmup_steps = 0
-  c.vmap_seeds = 0
-  steps = int(options.get("steps", 4 if quick else 2000))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=float(options.get("lr", 1e-3 if quick else 1e-4)), weight_decay=0.01,
-      schedule="cosine", warmup_epochs=0.0, boundaries_epochs=[], decay=0.1, clip_grad_norm=1.0, kwargs={}))
-  c.train = ml_collections.ConfigDict(dict(
-      num_epochs=0.0, num_steps=steps, log_every_steps=2 if quick else 50, eval_every_epochs=1e9,
-      checkpoint_every_epochs=1e9, term_grad_norms=False, microbatches=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(keep=2, best_metric=None, best_mode=None))
-  c.wandb_project = "kdlab"
-  return c
+  return lm_training(c, steps=int(options.get("steps", 4 if quick else 2000)),
+                     learning_rate=float(options.get("lr", 1e-3 if quick else 1e-4)), log_every=2 if quick else 50)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import parse_arg
+from common import lm_training, parse_arg
 from lm_hf import _fresh_student
 
 VARIANTS = ("sft", "kd", "seqkd", "onpolicy", "gkd")
@@ -86,17 +86,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "generated:" + options.get("gen", GENERATED)
     c.generate_data = ml_collections.ConfigDict(dict(
         source=data, max_new_tokens=new, temperature=temperature, prompt_len=None, top_k=None, top_p=None, seed=0))
-  c.ema_teacher = None
-  c.born_again = None
-  c.connector_warmup_steps = 0
-  c.vmap_seeds = 0
-  steps = int(options.get("steps", 4 if quick else 2000))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=float(options.get("lr", 1e-3 if quick else 1e-5)), weight_decay=0.01,
-      schedule="cosine", warmup_epochs=0.0, boundaries_epochs=[], decay=0.1, clip_grad_norm=1.0, kwargs={}))
-  c.train = ml_collections.ConfigDict(dict(
-      num_epochs=0.0, num_steps=steps, log_every_steps=1 if quick else 50, eval_every_epochs=1e9,
-      checkpoint_every_epochs=1e9, term_grad_norms=False, microbatches=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(keep=2, best_metric=None, best_mode=None))
-  c.wandb_project = "kdlab"
-  return c
+  return lm_training(c, steps=int(options.get("steps", 4 if quick else 2000)),
+                     learning_rate=float(options.get("lr", 1e-3 if quick else 1e-5)), log_every=1 if quick else 50)
