@@ -61,7 +61,7 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workers import maxrss_mib, serve  # noqa: E402
+from workers import maxrss_mib, peer_worker  # noqa: E402
 
 
 def word_tokenizer(vocab_size: int) -> Any:
@@ -225,20 +225,7 @@ def main() -> None:
   with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the replies
     bench = TrlBench(pathlib.Path(args.setup), args.attn)
 
-  def answer(req: dict) -> dict:
-    with contextlib.redirect_stdout(sys.stderr):
-      op = req["op"]
-      if op == "info":
-        return info(args.attn, bench)
-      if op == "loss_at_init":
-        return bench.loss_at_init()
-      return bench.timed(op, int(req.get("n", 1)), int(req.get("warmup", 0)))
-
-  if args.serve:
-    serve(answer)
-  else:
-    print(json.dumps({**answer({"op": "loss_at_init"}), **answer({"op": "kd", "n": 2, "warmup": 1})}))
-
+  peer_worker(bench, lambda: info(args.attn, bench), args.serve)
 
 if __name__ == "__main__":
   main()

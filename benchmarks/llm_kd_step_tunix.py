@@ -82,7 +82,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workers import maxrss_mib, serve  # noqa: E402
+from workers import maxrss_mib, peer_worker  # noqa: E402
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:
@@ -345,20 +345,7 @@ def main() -> None:
       np.savez(args.dump_logits, teacher=bench.logits("teacher"), student=bench.logits("student"))
       return
 
-  def answer(req: dict) -> dict:
-    with contextlib.redirect_stdout(sys.stderr):
-      op = req["op"]
-      if op == "info":
-        return info(bench)
-      if op == "loss_at_init":
-        return bench.loss_at_init()
-      return bench.timed(op, int(req.get("n", 1)), int(req.get("warmup", 0)))
-
-  if args.serve:
-    serve(answer)
-  else:
-    print(json.dumps({**answer({"op": "loss_at_init"}), **answer({"op": "kd", "n": 2, "warmup": 1})}))
-
+  peer_worker(bench, lambda: info(bench), args.serve)
 
 if __name__ == "__main__":
   main()

@@ -9,6 +9,7 @@ to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -76,3 +77,24 @@ def serve(answer: Callable[[dict], dict]) -> None:
       reply = {"error": f"{type(e).__name__}: {e}"}
     sys.stdout.write(json.dumps(reply) + "\n")
     sys.stdout.flush()
+
+
+def peer_worker(bench: Any, info: Callable[[], dict], serve_requests: bool) -> None:
+  """A peer framework's worker loop over ``bench`` (``loss_at_init()``, ``timed(op, n, warmup)``):
+  answers ``info`` / ``loss_at_init`` / timing requests with the framework's own prints sent to stderr
+  (stdout carries only the replies); without ``serve_requests``, prints the loss at init and two kd
+  steps once (a check by hand)."""
+
+  def answer(req: dict) -> dict:
+    with contextlib.redirect_stdout(sys.stderr):
+      op = req["op"]
+      if op == "info":
+        return info()
+      if op == "loss_at_init":
+        return bench.loss_at_init()
+      return bench.timed(op, int(req.get("n", 1)), int(req.get("warmup", 0)))
+
+  if serve_requests:
+    serve(answer)
+  else:
+    print(json.dumps({**answer({"op": "loss_at_init"}), **answer({"op": "kd", "n": 2, "warmup": 1})}))
