@@ -12,8 +12,7 @@ Variants:
   sft         the student, CE only (supervised fine-tuning; the teacher is evaluated against).
   kd          forward KL(teacher || student) on the data's completions, mixed with CE (``ce=ALPHA``).
   cache       the same KD from the teacher's top-k cache (``topk_kd``; ``cache=DIR`` built by
-              ``kdlab cache-teacher`` with this variant's config, ``config.teacher_cache_k = k``); the
-              teacher is its kdlab run (``teacher_run=DIR``: the cache fingerprints a kdlab checkpoint).
+              ``kdlab cache-teacher`` with this variant's config, ``config.teacher_cache_k = k``).
   reverse_kl  reverse KL(student || teacher) on the data, mixed with CE.
   jsd         generalized JSD(beta=0.5) on the data, mixed with CE.
   seqkd       CE on the teacher's sampled replies (temperature 1) to the training prompts (``gen=DIR``,
@@ -25,8 +24,7 @@ Variants:
 Students are the ``SIZES["student"]`` llama (about a quarter of the teacher's parameters), every
 example in its own row (``packing=False``: the cross-tokenizer pipeline needs it, and every student
 then sees the same batches of examples). Options: ``data=DIR`` (required), ``teacher=DIR`` (the
-exported teacher, a Hugging Face directory; required but for ``teacher``), ``teacher_run=DIR``,
-``cache=DIR``, ``gen=DIR``, ``k=N`` (cache top-k, default 64), ``ce=ALPHA`` (default 0.5), ``new=N``
+exported teacher, a Hugging Face directory; required but for ``teacher``), ``cache=DIR``, ``gen=DIR``, ``k=N`` (cache top-k, default 64), ``ce=ALPHA`` (default 0.5), ``new=N``
 (tokens per reply, default 64), ``steps=N`` (default 1000), ``batch=N``, ``lr=X``, ``seq_len=N``,
 ``size=tiny`` (the --quick models), ``quick`` (tiny models, a few steps, for tests).
 """
@@ -35,10 +33,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import lm_training, parse_arg
+from common import generate_data, lm_training, on_policy, parse_arg
 
 VARIANTS = ("teacher", "sft", "kd", "cache", "reverse_kl", "jsd", "seqkd", "gkd", "xtok")
-OPTIONS = ("data", "teacher", "teacher_run", "cache", "gen", "k", "ce", "new", "steps", "batch", "lr", "seq_len",
+OPTIONS = ("data", "teacher", "cache", "gen", "k", "ce", "new", "steps", "batch", "lr", "seq_len",
            "size", "quick")
 
 # Llama shapes: (hidden, intermediate, layers, heads, kv heads). With the 2048-token vocabulary the
@@ -93,12 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(c.model)
   c.init_from_teacher = None
   c.dtype = None
-  if variant == "cache":  # the cache's fingerprint reads a kdlab checkpoint: the teacher's own run
-    if "teacher_run" not in options:
-      raise ValueError("variant cache: option teacher_run=DIR is required (the teacher's kdlab run directory)")
-    c.teachers = [dict(init=f"{options['teacher_run']}/checkpoints")]
-  else:
-    c.teachers = [] if variant == "teacher" else [dict(init=f"hf:{teacher}", eval_only=variant in ("sft", "seqkd"))]
+  c.teachers = [] if variant == "teacher" else [dict(init=f"hf:{teacher}", eval_only=variant in ("sft", "seqkd"))]
   kl = dict(temperature=1.0)
   plan = {"teacher": [], "sft": [], "seqkd": [],
           "kd": [dict(loss="kd", **kl)], "cache": [dict(loss="topk_kd", **kl)],
@@ -112,16 +105,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     share = (1.0 - alpha) / len(plan)
     c.objective = [dict(term, weight=share) for term in plan] + ([dict(loss="ce", weight=alpha)] if alpha else [])
-  c.on_policy = None
-  if variant == "gkd":
-    c.on_policy = ml_collections.ConfigDict(dict(
-        fraction=0.5, max_new_tokens=new, temperature=1.0, prompt_len=None, top_k=None, top_p=None))
+  c.on_policy = on_policy(0.5 if variant == "gkd" else None, new, 1.0)
   c.generate_data = None
   if variant == "seqkd":
     c.data.source = "generated:" + options.get("gen", f"{data}/teacher_data")
-    c.generate_data = ml_collections.ConfigDict(dict(
-        source=f"jsonl:{data}/data", max_new_tokens=new, temperature=1.0, prompt_len=None, top_k=None, top_p=None,
-        seed=0))
+    c.generate_data = generate_data(f"jsonl:{data}/data", new, 1.0)
   c.teacher_cache = options.get("cache") if variant == "cache" else None
   c.teacher_cache_k = int(options.get("k", 8 if quick else 64))
   return lm_training(c, steps=int(options.get("steps", 4 if quick else 1000)),

@@ -163,3 +163,25 @@ def test_bad_pretrained_teacher_is_a_one_line_error_and_writes_nothing(tmp_path,
   assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("kdlab: error: "), err
   assert message.format(dir=str(bad)) in err
   assert not workdir.exists()
+
+
+def test_cache_teacher_reads_a_pretrained_teacher_and_fingerprints_its_files(tmp_path, capsys):
+  """``kdlab cache-teacher`` with ``init="hf:DIR"``: built, opened by the student's config, and refused
+  once the directory's weights change."""
+  from kdlab.data import teacher_cache
+  from kdlab.errors import UserError
+  from kdlab.train import teachers as teacherlib
+  teacher = _copy_fixture(tmp_path)
+  spec = f"{HF}:kd,quick,teacher={teacher}"
+  out = tmp_path / "cache"
+  assert cli.main(["cache-teacher", f"--config={spec}", f"--out={out}", "--no-progress"]) == 0
+  assert "teacher cache built:" in capsys.readouterr().out
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["vocab_size"] == 400 and 0 < meta["reconstruction_kl"] < 1e-3
+  teacher_cache.open_cache(out, expected_fingerprint=teacherlib.fingerprint(kconfig.load(spec)))
+  weights = teacher / "model.safetensors"
+  data = bytearray(weights.read_bytes())
+  data[-4:] = bytes(4)  # the last float32 of the last tensor
+  weights.write_bytes(bytes(data))
+  with pytest.raises(UserError, match=r"differs in teacher"):
+    teacher_cache.open_cache(out, expected_fingerprint=teacherlib.fingerprint(kconfig.load(spec)))

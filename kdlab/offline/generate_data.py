@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import os
 import pathlib
 import shutil
@@ -27,10 +26,10 @@ from kdlab import mesh as meshlib
 from kdlab.data import generated as gendata
 from kdlab.data import instruct, prompts as promptlib
 from kdlab.data import text
-from kdlab.data.teacher_cache import canonical, digest, params_digest, text_digest
+from kdlab.data.teacher_cache import canonical, digest, text_digest
 from kdlab.errors import UserError
 from kdlab.sampling import generate
-from kdlab.train import checkpoint, on_policy
+from kdlab.train import on_policy
 from kdlab.train import teachers as teacherlib
 
 KEYS = ("max_new_tokens", "temperature", "prompt_len", "top_k", "top_p", "seed", "source")
@@ -81,23 +80,6 @@ def _check_out(out: pathlib.Path, fingerprint: str) -> dict[str, Any] | None:
       raise UserError(f"--out={out}: is not empty and holds no generated dataset ({foreign[0]!r}, ...); "
                       f"choose a new or empty directory")
   return None
-
-
-def _teacher_digest(spec: dict[str, Any]) -> str:
-  """A hash of the teacher's model config and weights: a run's latest checkpoint (its parameters), or a
-  Hugging Face directory's ``config.json`` and ``*.safetensors`` files (their bytes)."""
-  init = spec["init"]
-  if init.startswith(teacherlib.HF_PREFIX):
-    h = hashlib.sha256()
-    for path in sorted(pathlib.Path(init[len(teacherlib.HF_PREFIX):]).iterdir()):
-      if path.name == "config.json" or path.name.endswith(".safetensors"):
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-          for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return digest(canonical(spec["model"]), h.hexdigest().encode())
-  params, _ = checkpoint.load_student_variables(init, "config.teachers[0].init")
-  return digest(canonical(spec["model"]), params_digest(params).encode())
 
 
 def _sample_text(teacher: Any, base: Any, gen: dict[str, Any], batch_size: int, bar: Any) -> dict[str, np.ndarray]:
@@ -187,7 +169,7 @@ def generate_data(config: Any, out_dir: str | os.PathLike, *, progress: bool = F
       raise UserError(f"config.data: {e}") from None
     data_key = [gen["source"], "train", gen["seq_len"]]
   fingerprint = ";".join([
-      f"teacher={_teacher_digest(spec)}",
+      f"teacher={teacherlib.teacher_digest(spec)}",
       f"data={digest(canonical(data_key), text_digest(base).encode())}",
       f"generation={digest(canonical({k: v for k, v in gen.items() if k not in ('source', 'seq_len')}))}",
   ])

@@ -6,6 +6,7 @@ the training text), and opening the cache a run reads (``config.teacher_cache``)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from typing import Any, Callable, Sequence
@@ -318,11 +319,28 @@ def train_text(config: Any) -> Any:
   return task.load(config.data)[0]
 
 
+def teacher_digest(spec: dict[str, Any]) -> str:
+  """A hash of a resolved teacher's model config and weights: a run's latest checkpoint (its
+  parameters), or a Hugging Face directory's ``config.json`` and ``*.safetensors`` files (their bytes)."""
+  init = spec["init"]
+  if init.startswith(HF_PREFIX):
+    h = hashlib.sha256()
+    for path in sorted(pathlib.Path(init[len(HF_PREFIX):]).iterdir()):
+      if path.name == "config.json" or path.name.endswith(".safetensors"):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+          for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return digest(canonical(spec["model"]), h.hexdigest().encode())
+  params, _ = checkpoint.load_student_variables(init, "config.teachers[0].init")
+  return digest(canonical(spec["model"]), params_digest(params).encode())
+
+
 def fingerprint(config: Any, *, dataset: Any = None) -> str:
   """What a teacher cache for ``config`` depends on, as ``"teacher=..;tokenizer=..;data=..;k=.."``.
 
-  * ``teacher``: the teacher's model config (from its run's ``config.json``) and a hash of the
-    parameters of the latest checkpoint in ``config.teachers[0].init``;
+  * ``teacher``: :func:`teacher_digest` of ``config.teachers[0]`` (a run's checkpoint or an
+    ``hf:DIR`` directory);
   * ``tokenizer``: ``config.data.tokenizer`` (default ``byte``) and the teacher's vocab size;
   * ``data``: the source name, split (``train``), ``seq_len`` and a hash of the packed training
     tokens, targets and mask (so ``max_bytes``, the corpus files and the tokenizer's output all
@@ -336,13 +354,12 @@ def fingerprint(config: Any, *, dataset: Any = None) -> str:
     raise UserError("config.teachers: empty; the teacher cache needs the teacher as config.teachers[0] "
                     "(init=a finished run's checkpoints/ folder)")
   spec = teacher_spec(config.teachers[0], 0)
-  params, _ = checkpoint.load_student_variables(spec["init"], "config.teachers[0].init")
   model = spec["model"]
   dataset = train_text(config) if dataset is None else dataset
   tokenizer = config.data.get("tokenizer", "byte")
   seq_len = int(getattr(dataset, "records", dataset).tokens.shape[1])
   parts = {
-      "teacher": digest(canonical(model), params_digest(params).encode()),
+      "teacher": teacher_digest(spec),
       "tokenizer": f"{tokenizer}-{model.get('vocab_size')}",
       "data": digest(canonical([config.data.source, "train", seq_len]), text_digest(dataset).encode()),
       "k": str(teacher_k(config)),

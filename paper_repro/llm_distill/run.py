@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from kdlab.repro import StageTimes
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
@@ -69,7 +71,7 @@ PAPER_DIRECTION = {
     "xtok": "not in the papers (ULD, ALM-style alignment papers: below same-tokenizer KD)",
 }
 SETTINGS = {  # what the full run and --quick use; every field the results depend on is here or in the config
-    "full": dict(max_train=None, max_validation=None, teacher_steps=500, student_steps=250, new=64, k=64,
+    "full": dict(max_train=None, max_validation=None, teacher_steps=400, student_steps=200, new=64, k=64,
                  build=dict(vocab=2048, vocab_alt=1536)),
     "quick": dict(max_train=96, max_validation=12, teacher_steps=8, student_steps=4, new=16, k=8,
                   build=dict(vocab=2048, vocab_alt=1536)),
@@ -114,22 +116,6 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 # --- stages -----------------------------------------------------------------------------------------
 
-class Times:
-  """Seconds per stage in ``WORKDIR/times.json`` (a resumed reproduction reports every stage's time)."""
-
-  def __init__(self, root: pathlib.Path):
-    self.path = root / "times.json"
-    self.values = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-  def add(self, stage: str, seconds: float) -> None:
-    self.values[stage] = self.values.get(stage, 0.0) + seconds
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.path.write_text(json.dumps(self.values, indent=2))
-
-  def get(self, *stages: str) -> float:
-    return sum(self.values.get(s, 0.0) for s in stages)
-
-
 def kdlab(*argv: str) -> None:
   """Runs the ``kdlab`` CLI in this process (its public commands); a non-zero exit stops the runner."""
   from kdlab import cli
@@ -148,7 +134,7 @@ def spec(variant: str, root: pathlib.Path, setting: dict, quick: bool, steps: in
   return f"{CONFIG}:{variant}," + ",".join(f"{k}={v}" for k, v in options.items()) + (",quick" if quick else "")
 
 
-def stage(root: pathlib.Path, times: Times, name: str, done: pathlib.Path, *argv: str) -> None:
+def stage(root: pathlib.Path, times: StageTimes, name: str, done: pathlib.Path, *argv: str) -> None:
   """Runs ``kdlab ARGV`` unless ``done`` exists; adds its time to stage ``name``."""
   if done.exists():
     return
@@ -262,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
   seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
   root = pathlib.Path(args.workdir).resolve()
   root.mkdir(parents=True, exist_ok=True)
-  times = Times(root)
+  times = StageTimes(root)
   start, load_start = time.time(), " / ".join(f"{x:.1f}" for x in os.getloadavg())
   print(f"llm_distill: {', '.join(methods)}, seeds {seeds}, {'quick' if args.quick else 'full'}, in {root}",
         flush=True)
@@ -281,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--out={root / 'teacher_hf'}")
   extra: dict[str, dict[str, str]] = {m: {} for m in methods}
   if "cache" in methods:
-    extra["cache"] = {"teacher_run": str(root / "teacher"), "cache": str(root / "teacher_cache")}
+    extra["cache"] = {"cache": str(root / "teacher_cache")}
     stage(root, times, "cache-teacher", root / "teacher_cache" / "meta.json", "cache-teacher",
           f"--config={spec('cache', root, setting, q, steps, **extra['cache'])}", f"--out={root / 'teacher_cache'}",
           "--no-progress")
@@ -325,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace, root: pathlib.Path, methods: list[str], seeds: list[int],
-           results: dict[str, list[dict]], teacher: dict, meta: dict, times: Times, total: float, load_start: str,
+           results: dict[str, list[dict]], teacher: dict, meta: dict, times: StageTimes, total: float, load_start: str,
            checks: list[dict] | None) -> str:
   """results.md: the table (mean +/- std over seeds), the papers' direction beside ours, the setting."""
   from kdlab.repro import cpu_name, mean_std
