@@ -107,3 +107,19 @@ def lm_training(c: ml_collections.ConfigDict, *, steps: int, learning_rate: floa
   c.checkpoint = ml_collections.ConfigDict(dict(keep=keep, best_metric=None, best_mode=None))
   c.wandb_project = "kdlab"
   return c
+
+
+def on_policy(fraction: float | None, max_new_tokens: int, temperature: float) -> ml_collections.ConfigDict | None:
+  """``config.on_policy``: for a ``fraction`` of the batches the student samples ``max_new_tokens``
+  tokens per prompt at ``temperature`` (no top-k / top-p; the prompt is the data's own). None: off."""
+  if fraction is None:
+    return None
+  return ml_collections.ConfigDict(dict(fraction=fraction, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        prompt_len=None, top_k=None, top_p=None))
+
+
+def generate_data(source: str, max_new_tokens: int, temperature: float) -> ml_collections.ConfigDict:
+  """``config.generate_data`` for ``kdlab generate-data``: the teacher's ``max_new_tokens``-token replies
+  at ``temperature`` to the prompts of ``source`` (seed 0, no top-k / top-p)."""
+  return ml_collections.ConfigDict(dict(source=source, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        prompt_len=None, top_k=None, top_p=None, seed=0))

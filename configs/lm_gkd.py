@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import parse_arg
+from common import generate_data, on_policy, parse_arg
 from lm_pysrc import get_config as lm_config
 
 VARIANTS = ("student", "supervised_kd", "seqkd", "onpolicy_kd", "onpolicy_rkl", "gkd", "gkd_full")
@@ -70,12 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     fraction = float(options["lambda"])
   if divergence is not None and "sum" in options:
     c.objective[0]["length_normalize"] = False
-  c.on_policy = None if fraction is None else ml_collections.ConfigDict(dict(
-      fraction=fraction, max_new_tokens=new, temperature=temperature, prompt_len=None, top_k=None, top_p=None))
+  c.on_policy = on_policy(fraction, new, temperature)
   c.generate_data = None
   if variant == "seqkd":
     c.data.source = "generated:" + options.get("gen", GENERATED)
-    c.generate_data = ml_collections.ConfigDict(dict(
-        source="pysrc", max_new_tokens=new, temperature=temperature, prompt_len=None, top_k=None, top_p=None,
-        seed=0))
+    c.generate_data = generate_data("pysrc", new, temperature)
   return c

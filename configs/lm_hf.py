@@ -48,6 +48,15 @@ def _fresh_student(teacher: str, layers: int | None, seq_len: int) -> dict:
   return dict(name=pretrained.hf_family(hf, teacher), **kwargs, max_len=seq_len)
 
 
+def student_model(options: dict[str, str], teacher: str, seq_len: int) -> ml_collections.ConfigDict:
+  """``config.model``: the Hugging Face directory ``student=DIR`` with its weights, or a fresh model of
+  the teacher's family with ``layers=N`` blocks (default half the teacher's)."""
+  if "student" in options:
+    return ml_collections.ConfigDict(dict(name="hf", path=options["student"], max_len=seq_len))
+  layers = int(options["layers"]) if "layers" in options else None
+  return ml_collections.ConfigDict(_fresh_student(teacher, layers, seq_len))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, options = parse_arg(arg, VARIANTS, default="kd", options=OPTIONS)
   if "teacher" not in options:
@@ -64,11 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_bytes=(16 << 10) if quick else (8 << 20), eval_max_bytes=(4 << 10) if quick else (256 << 10),
       batch_size=int(options.get("batch", 8 if quick else 32)), eval_batch_size=8 if quick else 32,
       prefetch_threads=0))
-  if "student" in options:
-    c.model = dict(name="hf", path=options["student"], max_len=seq_len)
-  else:
-    c.model = _fresh_student(teacher, int(options["layers"]) if "layers" in options else None, seq_len)
-  c.model = ml_collections.ConfigDict(c.model)
+  c.model = student_model(options, teacher, seq_len)
   c.init_from_teacher = None
   if "init" in options:
     c.init_from_teacher = dict(layers=[int(i) for i in options["init"].split("/")], teacher=0)

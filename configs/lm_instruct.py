@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from common import lm_training, parse_arg
-from lm_hf import _fresh_student
+from common import generate_data, lm_training, on_policy, parse_arg
+from lm_hf import student_model
 
 VARIANTS = ("sft", "kd", "seqkd", "onpolicy", "gkd")
 OPTIONS = ("teacher", "student", "data", "layers", "gen", "new", "lambda", "temperature", "ce", "steps", "seq_len",
@@ -64,11 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       packing=True, drop_long=False, validation_fraction=0.05,
       batch_size=int(options.get("batch", 2 if quick else 16)), eval_batch_size=2 if quick else 16,
       prefetch_threads=0))
-  if "student" in options:
-    c.model = dict(name="hf", path=options["student"], max_len=seq_len)
-  else:
-    c.model = _fresh_student(teacher, int(options["layers"]) if "layers" in options else None, seq_len)
-  c.model = ml_collections.ConfigDict(c.model)
+  c.model = student_model(options, teacher, seq_len)
   c.init_from_teacher = None
   c.dtype = options.get("dtype")
   c.teachers = [dict(init=f"hf:{teacher}", eval_only=divergence is None, dtype=c.dtype)]
@@ -79,12 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     term = dict(loss=divergence, temperature=1.0, weight=1.0 - alpha)
     c.objective = [dict(term, beta=0.5) if divergence == "jsd" else term] + (
         [dict(loss="ce", weight=alpha)] if alpha else [])
-  c.on_policy = None if fraction is None else ml_collections.ConfigDict(dict(
-      fraction=fraction, max_new_tokens=new, temperature=temperature, prompt_len=None, top_k=None, top_p=None))
+  c.on_policy = on_policy(fraction, new, temperature)
   c.generate_data = None
   if variant == "seqkd":
     c.data.source = "generated:" + options.get("gen", GENERATED)
-    c.generate_data = ml_collections.ConfigDict(dict(
-        source=data, max_new_tokens=new, temperature=temperature, prompt_len=None, top_k=None, top_p=None, seed=0))
+    c.generate_data = generate_data(data, new, temperature)
   return lm_training(c, steps=int(options.get("steps", 4 if quick else 2000)),
                      learning_rate=float(options.get("lr", 1e-3 if quick else 1e-5)), log_every=1 if quick else 50)

@@ -1,4 +1,4 @@
-"""Helpers for the paper reproductions in ``paper_repro/``: cached runs and mean +/- std tables."""
+"""Helpers for the paper reproductions in ``paper_repro/``: cached runs, stage times and mean +/- std tables."""
 
 from __future__ import annotations
 
@@ -28,6 +28,25 @@ def run_cached(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, quie
     print(f"  {workdir}: test accuracy {summary['test_accuracy']:.4f}, {summary['test_errors']} errors "
           f"({time.time() - t0:.0f} s)", flush=True)
   return summary
+
+
+class StageTimes:
+  """Seconds spent per stage, kept in ``ROOT/times.json`` so that a resumed reproduction reports the
+  compute time of every stage, whichever invocation ran it."""
+
+  def __init__(self, root: pathlib.Path):
+    self.path = root / "times.json"
+    self.values: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+  def add(self, stage: str, seconds: float) -> None:
+    """Adds ``seconds`` to ``stage`` and writes the file."""
+    self.values[stage] = self.values.get(stage, 0.0) + seconds
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.path.write_text(json.dumps(self.values, indent=2))
+
+  def get(self, *stages: str) -> float:
+    """The seconds of these stages together (0 for a stage not run)."""
+    return sum(self.values.get(s, 0.0) for s in stages)
 
 
 def cpu_name() -> str:

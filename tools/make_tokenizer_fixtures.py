@@ -29,14 +29,10 @@ import argparse
 import json
 import pathlib
 import shutil
-import sysconfig
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+import stdlib_bpe
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-# Letters with an optional leading non-letter, single digits, punctuation runs, newlines, spaces.
-_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 CHATML = """\
 {% if messages[0]['role'] == 'system' %}
@@ -116,36 +112,16 @@ ENCODE_TEXTS = [
 ]
 
 
-def _stdlib_text(names: list[str]) -> list[str]:
-  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  return [(root / n).read_text(encoding="utf-8") for n in names]
-
-
 def train_chatml() -> Tokenizer:
   """Byte-level BPE with a Qwen2.5-like regex split (digits one by one) and ChatML special tokens."""
-  tok = Tokenizer(models.BPE())
-  tok.normalizer = normalizers.NFC()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(_stdlib_text(["textwrap.py", "string.py", "json/encoder.py"]), trainer)
-  return tok
+  return stdlib_bpe.train(["textwrap.py", "string.py", "json/encoder.py"], 400,
+                          ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], qwen_split=True)
 
 
 def train_other() -> Tokenizer:
   """GPT-2-style byte-level BPE (prefix space, default regex) on other modules: other merges and ids."""
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-  tok.post_processor = processors.ByteLevel(trim_offsets=True)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<unk>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(_stdlib_text(["heapq.py", "bisect.py", "fnmatch.py"]), trainer)
-  return tok
+  return stdlib_bpe.train(["heapq.py", "bisect.py", "fnmatch.py"], 360, ["<unk>", "<s>", "</s>"], qwen_split=False,
+                          prefix_space=True, trim_offsets=True)
 
 
 def write_v4_layout(src: pathlib.Path, dst: pathlib.Path, hf: PreTrainedTokenizerFast) -> None:

@@ -24,42 +24,16 @@ import argparse
 import json
 import pathlib
 import shutil
-import sysconfig
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _stdlib_text(names: list[str]) -> list[str]:
-  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  return [(root / n).read_text(encoding="utf-8") for n in names]
-
+import stdlib_bpe
+from tokenizers import Tokenizer
 
 def train_small() -> Tokenizer:
-  tok = Tokenizer(models.BPE())
-  tok.normalizer = normalizers.NFC()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(_stdlib_text(["textwrap.py", "string.py"]), trainer)
-  return tok
+  return stdlib_bpe.train(["textwrap.py", "string.py"], 300, ["<|endoftext|>"], qwen_split=True)
 
 
 def train_large() -> Tokenizer:
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<pad>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(_stdlib_text(["heapq.py", "bisect.py", "fnmatch.py"]), trainer)
-  return tok
+  return stdlib_bpe.train(["heapq.py", "bisect.py", "fnmatch.py"], 500, ["<pad>", "<s>", "</s>"], qwen_split=False)
 
 
 def save(tok: Tokenizer, folder: pathlib.Path, config: dict) -> None:

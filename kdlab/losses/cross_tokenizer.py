@@ -62,6 +62,14 @@ def _logits(name: str, x: jax.Array) -> jax.Array:
   return x
 
 
+def _logit_pair(s_logits: jax.Array, t_logits: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+  """Both sides' ``[B, L, V]`` logits checked (floating, rank 3, one batch size) and ``temperature > 0``."""
+  s, t = _logits("s_logits", s_logits), _logits("t_logits", t_logits)
+  _checks.same_leading("s_logits", s, "t_logits", t, 1, "batch size")
+  _checks.positive("temperature", temperature)
+  return s, t
+
+
 def _per_position(name: str, x: jax.Array, shape: tuple[int, int], kind: str) -> jax.Array:
   x = jnp.asarray(x)
   if x.shape != shape:
@@ -107,9 +115,7 @@ def uld(s_logits: jax.Array, t_logits: jax.Array, s_mask: jax.Array, t_mask: jax
     ``[B]``: the mean over the ``min(n_s, n_t)`` pairs of ``sum_j |sort(p_s)_j - sort(p_t)_j|``
     (module doc); 0 for a sequence without pairs.
   """
-  s, t = _logits("s_logits", s_logits), _logits("t_logits", t_logits)
-  _checks.same_leading("s_logits", s, "t_logits", t, 1, "batch size")
-  _checks.positive("temperature", temperature)
+  s, t = _logit_pair(s_logits, t_logits, temperature)
   (b, ls, vs), (_, lt, vt) = s.shape, t.shape
   s_mask = _per_position("s_mask", s_mask, (b, ls), "float")
   t_mask = _per_position("t_mask", t_mask, (b, lt), "float")
@@ -192,9 +198,7 @@ def aligned_kd(s_logits: jax.Array, s_targets: jax.Array, s_chunks: jax.Array, t
     ``[B]``: ``sum_c D_c / sum_c |c|_s`` over the chunks present on both sides (module doc); 0 for a
     sequence without chunks.
   """
-  s, t = _logits("s_logits", s_logits), _logits("t_logits", t_logits)
-  _checks.same_leading("s_logits", s, "t_logits", t, 1, "batch size")
-  _checks.positive("temperature", temperature)
+  s, t = _logit_pair(s_logits, t_logits, temperature)
   (b, ls, _), (_, lt, _) = s.shape, t.shape
   s_chunks = _per_position("s_chunks", s_chunks, (b, ls), "int")
   t_chunks = _per_position("t_chunks", t_chunks, (b, lt), "int")

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from kdlab.config import load as load_config
-from kdlab.repro import cpu_name, mean_std
+from kdlab.repro import StageTimes, cpu_name, mean_std
 from kdlab.train.loop import train
 
 HERE = pathlib.Path(__file__).parent
@@ -145,24 +145,7 @@ def _teacher_dir(args: argparse.Namespace, root: pathlib.Path) -> pathlib.Path:
   return root / "teacher" / "checkpoints"
 
 
-class Times:
-  """Seconds spent per stage, kept in ``WORKDIR/times.json`` so that a resumed reproduction reports the
-  compute time of every stage, whichever invocation ran it."""
-
-  def __init__(self, root: pathlib.Path):
-    self.path = root / "times.json"
-    self.values = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-  def add(self, stage: str, seconds: float) -> None:
-    self.values[stage] = self.values.get(stage, 0.0) + seconds
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.path.write_text(json.dumps(self.values, indent=2))
-
-  def get(self, *stages: str) -> float:
-    return sum(self.values.get(s, 0.0) for s in stages)
-
-
-def _train(config: Any, workdir: pathlib.Path, times: Times, stage: str) -> dict[str, Any]:
+def _train(config: Any, workdir: pathlib.Path, times: StageTimes, stage: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` unless it finished there; returns its summary."""
   if (workdir / "summary.json").exists():
     return json.loads((workdir / "summary.json").read_text())
@@ -173,7 +156,7 @@ def _train(config: Any, workdir: pathlib.Path, times: Times, stage: str) -> dict
   return summary
 
 
-def _samples(workdir: pathlib.Path, args: argparse.Namespace, times: Times, stage: str) -> dict[str, float]:
+def _samples(workdir: pathlib.Path, args: argparse.Namespace, times: StageTimes, stage: str) -> dict[str, float]:
   """The teacher's NLL of the run's own samples (cached in ``samples.json``)."""
   from kdlab.offline.sample import evaluate_samples
   path = workdir / "samples.json"
@@ -213,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
   start, load_start = time.time(), _load()
   print(f"gkd2024: {', '.join(methods)}, seeds {seeds}, preset {args.preset}, runs in {root} (load {load_start})",
         flush=True)
-  times = Times(root)
+  times = StageTimes(root)
 
   teacher_dir = _teacher_dir(args, root)
   teacher = _train(_config("teacher", args, root), teacher_dir.parent, times, "teacher")
@@ -257,7 +240,7 @@ def _new_tokens(args: argparse.Namespace) -> int:
   return 16 if args.quick else (SMALL["new_tokens"] if args.preset == "small" else 64)
 
 
-def _teacher_reference(root: pathlib.Path, args: argparse.Namespace, times: Times) -> dict[str, float]:
+def _teacher_reference(root: pathlib.Path, args: argparse.Namespace, times: StageTimes) -> dict[str, float]:
   path = root / "teacher_samples.json"
   if path.exists():
     return json.loads(path.read_text())
@@ -281,7 +264,7 @@ def _teacher_reference(root: pathlib.Path, args: argparse.Namespace, times: Time
 
 
 def _report(args: argparse.Namespace, root: pathlib.Path, methods: list[str], results: dict[str, list[dict]],
-            teacher: dict[str, Any], reference: dict[str, float], times: Times, total: float, load_start: str,
+            teacher: dict[str, Any], reference: dict[str, float], times: StageTimes, total: float, load_start: str,
             generate_share: dict[str, float], gen_meta: dict[str, Any] | None) -> str:
   def col(runs, key, fmt="{:.4f}"):
     values = [r.get(key) for r in runs]
