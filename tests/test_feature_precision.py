@@ -16,12 +16,16 @@ from kdlab.objective import ModelOutput, Shapes, StepInputs
 B, N = 4, 16
 
 
+# Inputs are drawn by numpy: jax.random would compile a program per shape, eagerly.
 def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
-  return jax.random.normal(jax.random.key(seed), shape).astype(jnp.bfloat16)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), jnp.bfloat16)
 
 
 def _probs(seed: int, shape: tuple[int, ...]) -> jax.Array:
-  return jax.nn.softmax(3.0 * _normal(seed, shape), axis=-1)
+  """Rows of a softmax ``[..., n]`` in bfloat16 (each sums to 1 up to bfloat16 rounding)."""
+  x = 3.0 * np.asarray(_normal(seed, shape), np.float32)
+  e = np.exp(x - x.max(axis=-1, keepdims=True))
+  return jnp.asarray(e / e.sum(axis=-1, keepdims=True), jnp.bfloat16)
 
 
 def _crd(s, t):
@@ -99,12 +103,14 @@ def test_feature_terms_upcast_before_pooling_and_connectors():
   objective = objectives.build(TERMS, shapes, nnx.Rngs(0))
   batch = {"label": jnp.zeros(B, jnp.int32), "index": jnp.arange(B), "mask": jnp.ones(B, bool)}
 
-  def losses_of(s: ModelOutput, t: ModelOutput) -> dict[str, jax.Array]:
-    graphdef, variables = nnx.split(objective.connectors())  # a fresh copy: BN statistics move
+  graphdef, variables = nnx.split(objective.connectors())
+
+  @jax.jit  # One program per input dtype: eagerly, each of the terms' ops would be compiled on its own.
+  def losses_of(s: ModelOutput, t: ModelOutput, variables) -> dict[str, jax.Array]:
     inputs = StepInputs(s, [t], batch, jnp.zeros((), jnp.int32), jax.random.key(5))
     return objective.term_losses(nnx.merge(graphdef, variables), inputs, objective.init_state())[0]
 
-  got, want = losses_of(student, teacher), losses_of(_upcast(student), _upcast(teacher))
+  got, want = losses_of(student, teacher, variables), losses_of(_upcast(student), _upcast(teacher), variables)
   assert set(got) == {t.get("name", t["loss"]) for t in TERMS}
   for name in got:
     assert got[name].dtype == jnp.float32, name

@@ -105,10 +105,13 @@ def _check_losses_equal(got_dir, want_dir) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_tp(tmp_path_factory, teacher):
+  """A run stopped at its first checkpoint on 8 devices (data 2 x fsdp 2 x model 2) and resumed to its
+  end on 4 (fsdp 4): the workdir, what the first run held and what the resumed one held."""
   workdir = tmp_path_factory.mktemp("fsdp_tp") / "run"
-  seen = _train_child("run", [*_config(teacher), f"--workdir={workdir}",
-                              "--config.mesh=[('data', 2), ('fsdp', 2), ('model', 2)]"], devices=8)
-  return workdir, seen
+  seen = _train_child("stop", [*_config(teacher), f"--workdir={workdir}",
+                               "--config.mesh=[('data', 2), ('fsdp', 2), ('model', 2)]"], devices=8)
+  resumed = _train_child("run", [*_config(teacher), f"--workdir={workdir}", "--config.mesh=[('fsdp', 4)]"], devices=4)
+  return workdir, seen, resumed
 
 
 def _expected(name: str, shape: list[int]) -> list[int]:
@@ -125,7 +128,7 @@ def _expected(name: str, shape: list[int]) -> list[int]:
 
 
 def test_params_moments_ema_and_teacher_are_split_over_fsdp_and_model(fsdp_tp):
-  _, seen = fsdp_tp
+  _, seen, _ = fsdp_tp
   state = seen["saved"]
   copies = {k: v for k, v in state.items() if k.startswith((".params", ".ema", ".opt_state[0].mu", ".opt_state[0].nu"))}
   assert len(copies) == 4 * sum(k.startswith(".params") for k in copies) > 20  # params, mu, nu, ema
@@ -177,11 +180,9 @@ def test_teacher_dtype_is_its_stored_dtype(teacher):
 # --- checkpoints: resumed on another mesh, kept, best, asynchronous -----------------------------------
 
 
-def test_run_saved_on_8_devices_resumes_on_4_resharded_with_the_same_results(tmp_path, teacher, single):
-  workdir = tmp_path / "run"
-  first = _train_child("stop", [*_config(teacher), f"--workdir={workdir}", "--config.mesh=[('fsdp', 8)]"], devices=8)
-  assert first["saves"] == 1 and first["saved"][".params['student']['embed']['embedding']"] == [[256, 32], [256, 4]]
-  resumed = _train_child("run", [*_config(teacher), f"--workdir={workdir}", "--config.mesh=[('fsdp', 4)]"], devices=4)
+def test_run_saved_on_8_devices_resumes_on_4_resharded_with_the_same_results(fsdp_tp, single):
+  workdir, first, resumed = fsdp_tp  # saved split over (fsdp, model), restored split over fsdp alone
+  assert first["saves"] == 1 and first["saved"][".params['student']['embed']['embedding']"] == [[256, 32], [128, 16]]
   assert resumed["restored"][".params['student']['embed']['embedding']"] == [[256, 32], [256, 8]]
   assert resumed["restored"][".opt_state[0].mu['student']['embed']['embedding']"] == [[256, 32], [256, 8]]
   _check_losses_equal(workdir, single)
@@ -226,10 +227,16 @@ def test_save_is_asynchronous_and_waited_for(tmp_path, monkeypatch):
   handler = ocp.handlers.JsonCheckpointHandler
   write = handler.async_save
 
+  class Held:
+    """A commit future of the JSON item that completes once ``release`` is set: orbax waits on it in
+    the background before it finalizes the checkpoint, so a synchronous save would block on it."""
+
+    def result(self, timeout=None):
+      writing.set()
+      release.wait(30)
+
   async def slow_save(self, *args, **kwargs):
-    writing.set()
-    release.wait(30)
-    return await write(self, *args, **kwargs)
+    return [*(await write(self, *args, **kwargs) or []), Held()]
 
   monkeypatch.setattr(handler, "async_save", slow_save)
   state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(3)}, rest={}, opt_state={},

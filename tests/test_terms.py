@@ -393,8 +393,13 @@ def test_feature_terms_build_on_zoo_shapes():
            dict(loss="ft", student="stage3"),
            dict(loss="fsp", student=[["stem", "stage1"], ["stage1", "stage2"]], from_teacher="deep"),
            dict(loss="crd", num_negatives=16384)]
-  objective = objectives.build(specs, shapes, nnx.Rngs(0))
-  conns = objective.connectors()
+
+  def build():  # traced: the connectors and the memory bank are not initialized
+    objective = objectives.build(specs, shapes, nnx.Rngs(0))
+    return nnx.to_pure_dict(nnx.state(objective.connectors())), objective.init_state()
+
+  conns, states = jax.eval_shape(build)
   assert set(conns) == {"fitnet", "fitnet_down", "fitnet_up", "vid", "ab", "ft", "crd"}
-  assert [c.log_scale.shape for c in conns["vid"].items] == [(64,), (128,), (256,)]  # resnet8x4's widths
-  assert objective.init_state()["crd"].memory_t.shape == (50_000, 128)
+  vid = conns["vid"]["items"]
+  assert [vid[i]["log_scale"].shape for i in sorted(vid)] == [(64,), (128,), (256,)]  # resnet8x4's widths
+  assert states["crd"].memory_t.shape == (50_000, 128)
