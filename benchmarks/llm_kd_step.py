@@ -170,6 +170,7 @@ class KdlabBench:
     b = self.batch["tokens"].shape[0]
     self.steps: dict[str, Any] = {}
     self.flops: dict[str, float] = {}
+    self.buffers: dict[str, dict[str, int]] = {}
     self.init_loss: dict[str, float] = {}
     for kind in (k for k in ("kd", "student") if k in ops):
       kd = kind == "kd"
@@ -186,6 +187,7 @@ class KdlabBench:
         _, metrics = compiled(jax.tree.map(jnp.copy, state), t_vars, self.batch)
         self.init_loss = {k: float(v[0] / v[1]) for k, v in metrics.items() if k in ("loss", "task/ce", "distill/kd")}
       self.flops[kind] = _flops(compiled)
+      self.buffers[kind] = _buffers(compiled)
       self.steps[kind] = [compiled, state, t_vars]
     if "teacher" in ops:
       teacher_forward = jax.jit(lambda v, x: run_teachers(teachers, v, x)[0].logits)
@@ -233,6 +235,14 @@ def _flops(compiled: Any) -> float:
   return float(cost.get("flops", float("nan")))
 
 
+def _buffers(compiled: Any) -> dict[str, int]:
+  """XLA's buffer plan of a compiled function, bytes: its arguments, outputs and temporaries (what the
+  step allocates beyond its inputs and results)."""
+  m = compiled.memory_analysis()
+  return {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+          "temporaries": int(m.temp_size_in_bytes)}
+
+
 def matmul_peak(size: int = 2048, reps: int = 10) -> float:
   """This machine's float32 matrix-multiply rate in GFLOP/s: the best of several ``[size, size]``
   products chained in one jitted call."""
@@ -259,7 +269,7 @@ def kdlab_worker(setup: pathlib.Path, impl: str, kd_only: bool) -> None:
     if op == "info":
       return {"framework": f"kdlab ({impl})", "jax": jax.__version__, "backend": jax.default_backend(),
               "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "flops": bench.flops}
+              "flops": bench.flops, "buffers": bench.buffers}
     if op == "loss_at_init":
       loss = bench.init_loss
       return {"kd": loss["loss"], "ce": loss["task/ce"], "kl": loss["distill/kd"]}
@@ -342,19 +352,23 @@ def run_vocab(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
   return out
 
 
-def run_memory(args: argparse.Namespace, vocab: int) -> dict[str, float]:
+def run_memory(args: argparse.Namespace, vocab: int) -> dict[str, dict[str, Any]]:
   """Each side's peak resident memory of the kd step alone: one fresh worker per side, one at a time,
-  that builds its models and runs two kd steps (kdlab's worker compiles only the kd step)."""
+  that builds its models and runs two kd steps (kdlab's worker compiles only the kd step); and XLA's
+  buffer plan of kdlab's compiled kd step."""
   setup = make_setup(pathlib.Path(args.setup_dir) / f"v{vocab}", vocab=vocab, batch=args.batch, seq_len=args.seq_len,
                      tiny=args.tiny)
-  rss = {}
+  rss, buffers = {}, {}
   for name, (cmd, env) in _commands(args, setup).items():
-    worker = Worker(cmd + (["--kd-only"] if name.startswith("kdlab") else []), env)
+    kdlab = name.startswith("kdlab")
+    worker = Worker(cmd + (["--kd-only"] if kdlab else []), env)
     try:
       rss[name] = worker.request(op="kd", n=1, warmup=1)["maxrss_mib"]
+      if kdlab:
+        buffers[name] = worker.request(op="info")["buffers"]["kd"]
     finally:
       worker.close()
-  return rss
+  return {"rss_mib": rss, "xla_buffers": buffers}
 
 
 def run_generation(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,6 +451,32 @@ def report(results: list[dict[str, Any]], generation: dict[str, Any] | None, com
   return "\n".join(lines) + "\n"
 
 
+def memory_report(memory: dict[str, dict[str, float]], command: str) -> str:
+  """``--memory-only``'s table: each side's peak RSS of a worker that runs the kd step alone."""
+  from kdlab.repro import cpu_name
+  lines = ["# LLM distillation step: peak memory of the kd step alone", "",
+           f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_name()}), Linux {platform.release()}.",
+           f"Command: `{command}`", "",
+           "One fresh worker per side, one at a time: it loads the teacher and the student, builds the kd step "
+           "(kdlab's worker compiles only that step), runs a warm-up step and a timed one, and reports its peak "
+           "resident memory (`ru_maxrss`: weights, optimizer state, batch, the step's temporaries, the "
+           "framework's runtime and, for the JAX sides, the compiler).", ""]
+  gib = 1 << 30
+  for vocab, got in memory.items():
+    rss, buffers = got["rss_mib"], got["xla_buffers"]
+    trl = [v for n, v in rss.items() if n.startswith("TRL")]
+    lines += [f"## vocab {int(vocab):,}", "",
+              "| framework | peak RSS GiB | of TRL's smaller | XLA: arguments / outputs / temporaries GiB |",
+              "|---|---:|---:|---|"]
+    for name, mib in rss.items():
+      share = f"{mib / min(trl):.2f}" if trl else "-"
+      b = buffers.get(name)
+      plan = (f"{b['arguments'] / gib:.2f} / {b['outputs'] / gib:.2f} / {b['temporaries'] / gib:.2f}" if b else "-")
+      lines.append(f"| {name} | {mib / 1024:.2f} | {share} | {plan} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
 def _fmt(x: Any) -> str:
   return "-" if x is None else f"{x:.5f}"
 
@@ -464,7 +504,8 @@ def main() -> None:
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
   parser.add_argument("--setup-dir", default="/tmp/kdlab_llm_kd_step")
   parser.add_argument("--json", default=None, help="write the raw results here")
-  parser.add_argument("--write", action="store_true", help="write benchmarks/llm_kd_step.md")
+  parser.add_argument("--write", action="store_true",
+                      help="write benchmarks/llm_kd_step.md (--memory-only: llm_kd_step_memory.md)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--setup", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--impl", default="plain", help=argparse.SUPPRESS)
@@ -477,9 +518,12 @@ def main() -> None:
     args.batch, args.seq_len = min(args.batch, 2), min(args.seq_len, 32)
   if args.memory_only:
     memory = {v: run_memory(args, int(v)) for v in args.vocab.split(",")}
-    print(json.dumps(memory, indent=1))
+    text = memory_report(memory, "python " + " ".join(sys.argv))
+    print(text)
     if args.json:
       pathlib.Path(args.json).write_text(json.dumps({"memory": memory}, indent=1))
+    if args.write:
+      (HERE / "llm_kd_step_memory.md").write_text(text)
     return
   results = [] if args.generate_only else [run_vocab(args, int(v)) for v in args.vocab.split(",")]
   generation = run_generation(args) if args.generate or args.generate_only else None

@@ -78,3 +78,19 @@ def test_llm_kd_step_driver_tiny(tmp_path):
   assert abs(plain["kd"] - (0.5 * plain["ce"] + 0.5 * plain["kl"])) < 1e-5
   assert all(len(raw["times"][name]["kd"]) == 1 for name in raw["times"])
   assert "| kdlab (fused) |" in proc.stdout
+
+
+def test_llm_kd_step_memory_only_tiny(tmp_path):
+  """``--memory-only``: a peak RSS per side and XLA's buffer plan of kdlab's kd step (the same
+  arguments, state and batch, for both losses)."""
+  out = tmp_path / "raw.json"
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/llm_kd_step.py"), "--tiny", "--vocab", "300",
+                         "--memory-only", "--setup-dir", str(tmp_path / "setup"), "--json", str(out)],
+                        capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(out.read_text())["memory"]["300"]
+  assert set(got["rss_mib"]) == set(got["xla_buffers"]) == {"kdlab (plain)", "kdlab (fused)"}
+  assert all(100 < mib < 8192 for mib in got["rss_mib"].values())
+  plain, fused = got["xla_buffers"]["kdlab (plain)"], got["xla_buffers"]["kdlab (fused)"]
+  assert plain["arguments"] == fused["arguments"] > 0
+  assert "| kdlab (fused) |" in proc.stdout
