@@ -212,8 +212,8 @@ def test_align_vocab_slices_padding_and_refuses_other_tokenizers(tmp_path, toks)
   assert hf_tokenizer.align_vocab(400, 512, chatml, chatml, "config.teachers[0]") == 400
   _one_line_error(lambda: hf_tokenizer.align_vocab(399, 512, chatml, v4, "config.teachers[0]"),
                   r"config.teachers\[0\]: the teacher's vocab_size=399 is smaller than the tokenizer's 400")
-  with pytest.raises(UserError, match=r"^config.teachers\[1\]: .*differs.*; distil across tokenizers with "
-                                      r"config.cross_tokenizer \(the LLM-distillation issue\)$"):
+  with pytest.raises(UserError, match=r"^config.teachers\[1\]: .*differs.*; to distil across tokenizers set "
+                                      r"config.data.teacher_tokenizer=.*\(docs/llm_workflow.md\)$"):
     hf_tokenizer.align_vocab(512, 512, chatml, other, "config.teachers[1]")
   # The hash is of the contents, not the file bytes: re-serialized -> same; one merge less -> different.
   data = json.loads((FIX / "chatml" / "tokenizer.json").read_text(encoding="utf-8"))

@@ -423,6 +423,8 @@ def test_fingerprint_names_teacher_tokenizer_data_and_k(teachers):
   other_k = _config(teachers["a"])
   other_k.teacher_cache_k = 4
   assert differs(other_k) == ["k"]
+  with pytest.raises(UserError, match=r"^config.data.teacher_tokenizer='hf:/t': a teacher cache holds .*; unset it"):
+    teacherlib.fingerprint(_config(teachers["a"], teacher_tokenizer="hf:/t"))
 
 
 def _config_file(tmp_path: pathlib.Path, init: str) -> pathlib.Path:

@@ -53,7 +53,8 @@ from kdlab.data import chat_template as templating
 from kdlab.errors import UserError
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-CROSS_TOKENIZER = "distil across tokenizers with config.cross_tokenizer (the LLM-distillation issue)"
+CROSS_TOKENIZER = ("to distil across tokenizers set config.data.teacher_tokenizer='hf:<the teacher's tokenizer "
+                   "directory>' and use the uld / aligned_kd terms (docs/llm_workflow.md)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -348,8 +348,13 @@ def fingerprint(config: Any, *, dataset: Any = None) -> str:
   * ``k``: :func:`teacher_k`.
 
   The cache-teacher config and the student's config give the same value when they name the same
-  teacher checkpoint, data fields and ``k``. Loads the teacher's parameters (host memory).
+  teacher checkpoint, data fields and ``k``. A config with ``config.data.teacher_tokenizer`` (a teacher
+  on its own tokens) is refused: the cache is of the teacher on the student's tokens. Loads the teacher's parameters (host memory).
   """
+  if config.data.get("teacher_tokenizer"):
+    raise UserError(f"config.data.teacher_tokenizer={config.data.teacher_tokenizer!r}: a teacher cache holds the "
+                    f"teacher's outputs on the student's tokens, one tokenizer; unset it to cache a teacher of the "
+                    f"student's tokenizer, or distil live with the uld / aligned_kd terms")
   if not config.get("teachers"):
     raise UserError("config.teachers: empty; the teacher cache needs the teacher as config.teachers[0] "
                     "(init=a finished run's checkpoints/ folder)")
