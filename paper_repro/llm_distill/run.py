@@ -1,7 +1,7 @@
 """End-to-end LLM distillation: a llama teacher on stdlib instruction data and its quarter-size students.
 
   python paper_repro/llm_distill/run.py [--workdir runs/llm_distill] [--seeds 3] [--methods sft,kd,...]
-      [--quick] [--check-export] [--out FILE]
+      [--quick] [--check-export PYTHON] [--out FILE]
 
 1. ``build_data.py``: prompt/completion records (signature + docstring -> body) of this interpreter's
    standard library and two BPE tokenizers trained here (``WORKDIR/data``).
@@ -16,8 +16,8 @@
    prompts against the reference bodies (:func:`rouge_l`, over code words), the validation NLL of
    the completions (per token and, comparable across tokenizers, per character) and KL(teacher ||
    student) on them (same-tokenizer students), mean +/- std over seeds, in ``results.md`` beside this
-   file. ``--check-export`` loads every exported student with ``transformers.AutoModelForCausalLM``
-   in /work/hfvenv and compares its logits with kdlab's.
+   file. ``--check-export PYTHON`` loads every exported student with ``transformers.AutoModelForCausalLM``
+   in that interpreter (a venv with torch and transformers) and compares its logits with kdlab's.
 
 Finished stages are reused (runs with a ``summary.json``, built data, exports, evaluations), so an
 interrupted reproduction resumes with the same command. ``--quick``: tiny models, 1 seed, a few steps.
@@ -202,7 +202,7 @@ def evaluate(workdir: pathlib.Path, root: pathlib.Path, setting: dict) -> dict[s
   return result
 
 
-def check_exports(dirs: list[pathlib.Path], python: str = "/work/hfvenv/bin/python") -> list[dict]:
+def check_exports(dirs: list[pathlib.Path], python: str) -> list[dict]:
   """Loads each exported Hugging Face directory with ``transformers.AutoModelForCausalLM`` (in the
   ``python`` interpreter) and compares its logits on the first validation prompt with kdlab's model."""
   import jax.numpy as jnp
@@ -237,10 +237,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--quick", action="store_true", help="tiny models, 1 seed, a few steps (smoke test)")
-  parser.add_argument("--check-export", action="store_true",
-                      help="load every exported student with transformers (/work/hfvenv) and compare logits")
+  parser.add_argument("--check-export", default=None, metavar="PYTHON",
+                      help="load every exported student with transformers in this interpreter (a venv with "
+                           "torch, transformers and safetensors: benchmarks/peers/trl-requirements.txt) and "
+                           "compare logits")
   parser.add_argument("--out", default=None, help="default: results.md beside this file (quick: WORKDIR/results.md)")
   args = parser.parse_args(argv)
+  if args.check_export and not os.access(args.check_export, os.X_OK):
+    raise SystemExit(f"llm_distill: error: --check-export={args.check_export}: not an executable; give the python of "
+                     f"a venv with torch, transformers and safetensors")
   methods = [m for m in args.methods.split(",") if m]
   if sorted(set(methods) - set(METHODS)) or not methods:
     parser.error(f"--methods: a non-empty subset of {','.join(METHODS)}")
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
   times.add("teacher/eval", time.time() - t0)
   checks = None
   if args.check_export:
-    checks = check_exports([root / "teacher_hf", *exports])
+    checks = check_exports([root / "teacher_hf", *exports], args.check_export)
     (root / "export_check.json").write_text(json.dumps(checks, indent=2))
     for c in checks:
       print(f"  {c['dir']}: " + (f"loads, max |logit diff| {c['max_abs_logit_diff']:.2e}" if c["loads"]
@@ -360,7 +365,7 @@ def report(args: argparse.Namespace, root: pathlib.Path, methods: list[str], see
   command = "python paper_repro/llm_distill/run.py" + (" --quick" if args.quick else "") + (
       f" --seeds {len(seeds)}" if len(seeds) != (1 if args.quick else 3) else "") + (
       f" --methods {args.methods}" if args.methods != ",".join(METHODS) else "") + (
-      " --check-export" if args.check_export else "")
+      " --check-export PYTHON" if args.check_export else "")
   lines = [
       "# End-to-end LLM distillation: a llama teacher and its quarter-size students on stdlib functions",
       "",
@@ -406,7 +411,7 @@ def report(args: argparse.Namespace, root: pathlib.Path, methods: list[str], see
     ok = [c for c in checks if c["loads"]]
     worst = max((c["max_abs_logit_diff"] for c in ok), default=float("nan"))
     lines += ["", f"Export check: {len(ok)} of {len(checks)} exported models (the teacher and every student "
-                  f"seed) load with transformers.AutoModelForCausalLM.from_pretrained (/work/hfvenv); largest "
+                  f"seed) load with transformers.AutoModelForCausalLM.from_pretrained; largest "
                   f"|logit difference| against kdlab's model {worst:.2e}."]
   return "\n".join(lines) + "\n"
 
