@@ -401,11 +401,16 @@ def _med(ts: list[float]) -> float:
   return statistics.median(ts) if ts else float("nan")
 
 
-def report(results: list[dict[str, Any]], generation: dict[str, Any] | None, command: str) -> str:
+def _header(title: str, command: str) -> list[str]:
+  """A report's title, machine and command lines."""
   from kdlab.repro import cpu_name
-  lines = ["# LLM distillation step: kdlab vs TRL vs Tunix", "",
-           f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_name()}), Linux {platform.release()}.",
-           f"Command: `{command}`", ""]
+  return [f"# {title}", "",
+          f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_name()}), Linux {platform.release()}.",
+          f"Command: `{command}`", ""]
+
+
+def report(results: list[dict[str, Any]], generation: dict[str, Any] | None, command: str) -> str:
+  lines = _header("LLM distillation step: kdlab vs TRL vs Tunix", command)
   for r in results:
     med = {n: {op: _med(ts) for op, ts in by.items()} for n, by in r["times"].items()}
     p = r["params"]
@@ -451,16 +456,13 @@ def report(results: list[dict[str, Any]], generation: dict[str, Any] | None, com
   return "\n".join(lines) + "\n"
 
 
-def memory_report(memory: dict[str, dict[str, float]], command: str) -> str:
+def memory_report(memory: dict[str, dict[str, Any]], command: str) -> str:
   """``--memory-only``'s table: each side's peak RSS of a worker that runs the kd step alone."""
-  from kdlab.repro import cpu_name
-  lines = ["# LLM distillation step: peak memory of the kd step alone", "",
-           f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_name()}), Linux {platform.release()}.",
-           f"Command: `{command}`", "",
-           "One fresh worker per side, one at a time: it loads the teacher and the student, builds the kd step "
-           "(kdlab's worker compiles only that step), runs a warm-up step and a timed one, and reports its peak "
-           "resident memory (`ru_maxrss`: weights, optimizer state, batch, the step's temporaries, the "
-           "framework's runtime and, for the JAX sides, the compiler).", ""]
+  lines = _header("LLM distillation step: peak memory of the kd step alone", command) + [
+      "One fresh worker per side, one at a time: it loads the teacher and the student, builds the kd step "
+      "(kdlab's worker compiles only that step), runs a warm-up step and a timed one, and reports its peak "
+      "resident memory (`ru_maxrss`: weights, optimizer state, batch, the step's temporaries, the "
+      "framework's runtime and, for the JAX sides, the compiler).", ""]
   gib = 1 << 30
   for vocab, got in memory.items():
     rss, buffers = got["rss_mib"], got["xla_buffers"]

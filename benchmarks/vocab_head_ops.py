@@ -12,23 +12,21 @@ unembedding matmul and the two matmuls of its gradient, a log-softmax and an arg
 from __future__ import annotations
 
 import argparse
-import time
+import pathlib
+import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from workers import timed  # noqa: E402
+
 
 def best_of(fn: Callable[..., Any], *args: Any, n: int = 3) -> float:
   """Seconds of the fastest of ``n`` calls of ``jit(fn)(*args)`` after a compiling call."""
   fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return min(timed(lambda: jax.block_until_ready(fn(*args)), n, warmup=1))
 
 
 def main() -> None:

@@ -348,8 +348,9 @@ def fingerprint(config: Any, *, dataset: Any = None) -> str:
   * ``k``: :func:`teacher_k`.
 
   The cache-teacher config and the student's config give the same value when they name the same
-  teacher checkpoint, data fields and ``k``. A config with ``config.data.teacher_tokenizer`` (a teacher
-  on its own tokens) is refused: the cache is of the teacher on the student's tokens. Loads the teacher's parameters (host memory).
+  teacher, data fields and ``k``. A config with ``config.data.teacher_tokenizer`` (a teacher on its own
+  tokens) is refused: the cache is of the teacher on the student's tokens. Reads the teacher's weights
+  (a checkpoint's parameters into host memory, or an ``hf:DIR``'s files).
   """
   if config.data.get("teacher_tokenizer"):
     raise UserError(f"config.data.teacher_tokenizer={config.data.teacher_tokenizer!r}: a teacher cache holds the "
