@@ -63,7 +63,7 @@ def child(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
 
   sys.path.insert(0, ROOT)
-  from kdlab.losses import sequence
+  from kdlab.losses import fused_head, sequence
 
   jax.block_until_ready(jnp.zeros(8) + 1)
   rss_runtime = _vm("VmRSS")  # the jax runtime alone
@@ -87,7 +87,7 @@ def child(args: argparse.Namespace) -> dict:
     return sequence.chunked_token_kd(s_h @ s_w, t_h @ t_w, mask, **hp)
 
   def fused(s_h, s_w, t_h, t_w, mask):
-    return sequence.fused_token_kd(s_h, s_w, t_h, t_w, mask, **hp)
+    return fused_head.fused_token_kd(s_h, s_w, t_h, t_w, mask, **hp)
 
   def fused_remat(s_h, s_w, t_h, t_w, mask):
     c = max(1, (args.chunk_size or max(1, 2**24 // v)) // b)  # kdlab's default

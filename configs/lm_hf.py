@@ -10,7 +10,7 @@ Qwen2.5-1.5B teacher) or a fresh model of the teacher's family with the teacher'
 ``layers=N`` blocks (option ``init=0/2/4``: start from those teacher layers, DistilBERT-style).
 
 Variants (the divergence, mixed with CE as ``ce=ALPHA``: ``ALPHA * CE + (1 - ALPHA) * divergence``):
-  kd          forward KL(teacher || student) at temperature 1 (``impl=fused``: the large-vocab fused form)
+  kd          forward KL(teacher || student) at temperature 1 (``impl=fused``: KL and CE in one fused pass, no [B, L, V] logits)
   reverse_kl  KL(student || teacher)
   jsd         generalized JSD(beta) (``beta=0.5``)
   ce          CE only (the teacher is evaluated against, not distilled from)
@@ -86,7 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "reverse_kl": dict(loss="reverse_kl", temperature=1.0, impl=impl),
                 "jsd": dict(loss="jsd", beta=float(options.get("beta", 0.5)), temperature=1.0, impl=impl)}
   if variant in divergence:
-    c.objective = [dict(divergence[variant], weight=1.0 - alpha)] + ([dict(loss="ce", weight=alpha)] if alpha else [])
+    ce = dict(loss="ce", weight=alpha, **({"impl": "fused"} if impl == "fused" else {}))  # one fused pass with the KL
+    c.objective = [dict(divergence[variant], weight=1.0 - alpha)] + ([ce] if alpha else [])
   else:
     c.objective = [dict(loss="ce", weight=1.0)]
   return lm_training(c, steps=int(options.get("steps", 4 if quick else 2000)),

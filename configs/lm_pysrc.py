@@ -104,7 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weight = dict(schedule="linear_schedule", init_value=0.0, end_value=weight, transition_steps=warmup,
                     transition_begin=warmup)
     # The divergence first: config.objective[0] is the distillation term in every distilled variant.
-    c.objective = [dict(distill[variant], weight=weight)] + ([dict(loss="ce", weight=alpha)] if alpha else [])
+    fused = {"impl": "fused"} if impl == "fused" and variant != "kd-cached" else {}  # one pass with the divergence
+    c.objective = [dict(distill[variant], weight=weight)] + ([dict(loss="ce", weight=alpha, **fused)] if alpha else [])
   else:
     c.objective = [dict(loss="ce", weight=1.0)]
   c.ema_teacher = None

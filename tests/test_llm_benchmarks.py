@@ -78,6 +78,14 @@ def test_llm_kd_step_driver_tiny(tmp_path):
   assert abs(plain["kd"] - (0.5 * plain["ce"] + 0.5 * plain["kl"])) < 1e-5
   assert all(len(raw["times"][name]["kd"]) == 1 for name in raw["times"])
   assert "| kdlab (fused) |" in proc.stdout
+  # The report of the recorded run, rebuilt from its JSON, is the printed one (but for the command line).
+  again = subprocess.run([sys.executable, str(ROOT / "benchmarks/llm_kd_step.py"), "--report-from", str(out),
+                          "--command", "CMD"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert again.returncode == 0, again.stderr[-3000:]
+  strip = lambda text: [l for l in text.splitlines() if not l.startswith("Command: ")]  # noqa: E731
+  assert strip(again.stdout) == strip(proc.stdout)[-len(strip(again.stdout)):]
+  assert "Command: `CMD`" in again.stdout
 
 
 def test_llm_kd_step_memory_only_tiny(tmp_path):

@@ -26,7 +26,7 @@ from flax import nnx
 from conftest import ROOT, run_child
 from kdlab import losses, models
 from kdlab.errors import UserError
-from kdlab.losses import sequence
+from kdlab.losses import fused_head, sequence
 from kdlab.models import from_pretrained
 from kdlab.objective.terms import common
 from kdlab.train import optim, ranges, tasks
@@ -130,7 +130,7 @@ def test_token_losses_with_weights_are_weighted_sums():
   expected = (weights * per_token).sum(-1)
   got = {"plain": sequence.token_loss("kd", s, t, mask, weights=weights, temperature=2.0),
          "chunked": sequence.chunked_token_kd(s, t, mask, chunk_size=4, weights=weights, temperature=2.0),
-         "fused": sequence.fused_token_kd(s_h, s_w, t_h, t_w, mask, chunk_size=4, weights=weights, temperature=2.0)}
+         "fused": fused_head.fused_token_kd(s_h, s_w, t_h, t_w, mask, chunk_size=4, weights=weights, temperature=2.0)}
   logp = jax.nn.log_softmax(jnp.asarray(t))
   got["topk"] = sequence.topk_kd(s, logp, jnp.broadcast_to(jnp.arange(v), (b, l, v)), mask, weights=weights)
   per_token_t1 = np.asarray(losses.kd(jnp.asarray(s), jnp.asarray(t)))
@@ -140,7 +140,7 @@ def test_token_losses_with_weights_are_weighted_sums():
   # Gradients of the weighted fused loss (uneven cotangent too) match the plain one.
   g = jnp.asarray([1.0, 2.0, -0.5])
   plain = jax.grad(lambda h, w: jnp.sum(g * sequence.token_loss("kd", h @ w, t, mask, weights=weights)), (0, 1))
-  fused = jax.grad(lambda h, w: jnp.sum(g * sequence.fused_token_kd(h, w, t_h, t_w, mask, chunk_size=4,
+  fused = jax.grad(lambda h, w: jnp.sum(g * fused_head.fused_token_kd(h, w, t_h, t_w, mask, chunk_size=4,
                                                                        weights=weights)), (0, 1))
   for a, c in zip(plain(jnp.asarray(s_h), jnp.asarray(s_w)), fused(jnp.asarray(s_h), jnp.asarray(s_w))):
     np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-4, atol=1e-6)

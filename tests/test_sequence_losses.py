@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kdlab.losses import logits as logit_losses
-from kdlab.losses import sequence
+from kdlab.losses import fused_head, sequence
 
 B, L, D_S, D_T, V = 2, 16, 32, 24, 96
 DIVS = sequence.DIVERGENCES
@@ -127,7 +127,7 @@ def test_fused_equals_plain(data, div):
   plain = _plain_from_hidden(div, d)
 
   def fused(s_h, s_w):
-    return sequence.fused_token_kd(s_h, s_w, d["t_h"], d["t_w"], d["mask"], divergence=div,
+    return fused_head.fused_token_kd(s_h, s_w, d["t_h"], d["t_w"], d["mask"], divergence=div,
                                    chunk_size=12, **HP)
 
   np.testing.assert_allclose(jax.jit(fused)(d["s_h"], d["s_w"]), plain(d["s_h"], d["s_w"]),
@@ -144,7 +144,7 @@ def test_fused_traced_temperature_and_teacher_is_constant(data):
   d = data
 
   def loss(s_h, t_w, temperature):
-    return sequence.fused_token_kd(s_h, d["s_w"], d["t_h"], t_w, d["mask"], chunk_size=16,
+    return fused_head.fused_token_kd(s_h, d["s_w"], d["t_h"], t_w, d["mask"], chunk_size=16,
                                    temperature=temperature).mean()
 
   value, (g_h, g_tw) = jax.jit(jax.value_and_grad(loss, (0, 1)))(d["s_h"], d["t_w"], 3.0)
@@ -158,7 +158,7 @@ def test_bad_inputs(data):
   d = data
   s, t = _logits(d)
   with pytest.raises(ValueError, match="vocab sizes differ"):
-    sequence.fused_token_kd(d["s_h"], d["s_w"], d["t_h"], d["t_w"][:, :-1], d["mask"])
+    fused_head.fused_token_kd(d["s_h"], d["s_w"], d["t_h"], d["t_w"][:, :-1], d["mask"])
   with pytest.raises(ValueError, match="t_logits"):
     sequence.chunked_token_kd(s, t[..., :-1], d["mask"])
   with pytest.raises(ValueError, match="divergence"):
@@ -205,7 +205,7 @@ _SHARDED = textwrap.dedent("""
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-  from kdlab.losses import sequence
+  from kdlab.losses import fused_head, sequence
   B, L, D, V = 4, 16, 32, 128
   k = jax.random.split(jax.random.key(1), 4)
   s_h, t_h = jax.random.normal(k[0], (B, L, D)), jax.random.normal(k[1], (B, L, D))
@@ -230,7 +230,7 @@ _SHARDED = textwrap.dedent("""
         val, grad = jax.jit(lambda s, t, m: (f(s, t, m), jax.grad(lambda s: f(s, t, m).mean())(s)))(
             ss, ts, ms)
         out[f"{tag}/{div}/{name}"] = [err(val, ref), err(grad, ref_grad)]
-      fused = lambda a, b, m: sequence.fused_token_kd(
+      fused = lambda a, b, m: fused_head.fused_token_kd(
           a, b, put(np.asarray(t_h), P("data")), put(np.asarray(t_w), P(None, "model")), m,
           divergence=div, chunk_size=12, temperature=2.0).mean()
       grad_ref = jax.jit(jax.grad(lambda a, b: plain(a @ b, t, mask).mean(), (0, 1)))(s_h, s_w)

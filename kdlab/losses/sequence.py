@@ -17,8 +17,8 @@ Three ways to compute the same value:
   * ``token_loss``: plain; the full ``[batch, length, vocab]`` probabilities exist.
   * ``chunked_token_kd``: from full logits, but only one ``[chunk, vocab]`` block of
     probabilities at a time, forward and backward (``lax.map`` over a ``jax.checkpoint``ed body).
-  * ``fused_token_kd``: from final hidden states and unembedding matrices; the
-    ``[batch * length, vocab]`` logits are never materialized, forward or backward.
+  * ``kdlab.losses.fused_head.fused_token_kd``: from final hidden states and unembedding
+    matrices; the ``[batch * length, vocab]`` logits are never materialized, forward or backward.
 
 Divergences (per token, ``p = softmax(logits / T)``; those of ``kdlab.losses.logits``):
   * ``kd``:          ``T^2 KL(p_t || p_s)`` (Hinton et al. 2015)
@@ -33,14 +33,12 @@ for the remaining mass (the teacher-output cache).
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kdlab.losses import _checks
+from kdlab.losses import _checks, chunks
 from kdlab.losses import logits as _logits
 
 Divergence = Callable[..., jax.Array]
@@ -101,7 +99,8 @@ def _check_mask(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return mask.astype(jnp.float32)
 
 
-def _check_hparams(divergence: str, temperature, beta) -> None:
+def check_hparams(divergence: str, temperature, beta) -> None:
+  """Refuses an unknown divergence, a temperature <= 0, a JSD beta outside (0, 1)."""
   _divergence(divergence)
   _checks.positive("temperature", temperature)
   if divergence == "jsd":
@@ -114,8 +113,9 @@ def _token_weights(mask: jax.Array) -> jax.Array:
   return jnp.where(count > 0, mask / jnp.where(count > 0, count, 1.0), 0.0)
 
 
-def _weights_or_mean(mask: jax.Array, weights: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
-  """The ``[B, L]`` token weights of a reduction: ``weights`` if given, else the masked mean's."""
+def reduction_weights(mask: jax.Array, weights: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+  """The ``[B, L]`` token weights of a per-sequence reduction ``sum_l w_bl * loss_bl``: ``weights``
+  if given, else the masked mean's (``mask / sum_l mask``); both checked against ``shape``."""
   mask = _check_mask(mask, shape)
   if weights is None:
     return _token_weights(mask)
@@ -128,7 +128,7 @@ def _weights_or_mean(mask: jax.Array, weights: jax.Array | None, shape: tuple[in
 def masked_sequence_mean(per_token: jax.Array, mask: jax.Array, *, weights: jax.Array | None = None) -> jax.Array:
   """``[B, L]`` per-token values -> ``[B]`` masked means (masked tokens may hold nan or inf), or
   ``sum_l weights * per_token`` with ``weights [B, L]``."""
-  w = _weights_or_mean(mask, weights, per_token.shape)
+  w = reduction_weights(mask, weights, per_token.shape)
   return jnp.sum(jnp.where(w != 0, w * per_token, 0.0), axis=-1)
 
 
@@ -167,44 +167,6 @@ def token_loss(divergence_fn: Divergence | str, s_logits: jax.Array, t_logits: j
 
 
 # --- chunking along the sequence -----------------------------------------------------------------
-# A chunk is every sequence's tokens at positions [start, start + c): a [B, c, ...] slice along the
-# length axis. Slicing (rather than reshaping the flat tokens into [num, chunk, ...] and scanning
-# over it) keeps the batch axis intact, so batch-sharded (and vocab-sharded) inputs stay sharded
-# as they are and no copy of the [B, L, V] inputs is made. When c does not divide L the last
-# chunk is [L - c, L): it overlaps the one before, and only its new positions are kept.
-
-_CHUNK_BYTES = 64 * 2**20
-
-
-def _chunk_len(batch: int, length: int, vocab: int, chunk_size: int | None) -> int:
-  """Positions per chunk: ``chunk_size // batch``, by default sized so that one ``[chunk, V]``
-  float32 block is about 64 MiB (128 tokens at V = 128k; the whole batch at small V)."""
-  if chunk_size is None:
-    chunk_size = max(1, _CHUNK_BYTES // (4 * vocab))
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  return max(1, min(length, chunk_size // batch))
-
-
-def _starts(length: int, c: int) -> jax.Array:
-  num = -(-length // c)
-  return jnp.asarray(np.minimum(np.arange(num) * c, length - c), jnp.int32)
-
-
-def _slice(x: jax.Array, start: jax.Array, c: int) -> jax.Array:
-  return jax.lax.dynamic_slice_in_dim(x, start, c, axis=1)
-
-
-def _unchunk(y: jax.Array, length: int) -> jax.Array:
-  """``[num, B, c, ...]`` per-chunk outputs -> ``[B, L, ...]``."""
-  num, b, c = y.shape[:3]
-  full = length // c
-  out = jnp.moveaxis(y[:full], 0, 1).reshape(b, full * c, *y.shape[3:])
-  if length % c:
-    out = jnp.concatenate([out, y[-1][:, c - length % c:]], axis=1)
-  return out
-
-
 # --- chunked, from logits --------------------------------------------------------------------------
 
 def chunked_token_kd(s_logits: jax.Array, t_logits: jax.Array, mask: jax.Array, *,
@@ -236,172 +198,21 @@ def chunked_token_kd(s_logits: jax.Array, t_logits: jax.Array, mask: jax.Array, 
   s_logits, t_logits = _check_pair(s_logits, t_logits)
   if s_logits.ndim != 3:
     raise ValueError(f"s_logits: expected [batch, length, vocab], got shape {s_logits.shape}")
-  _check_hparams(divergence, temperature, beta)
+  check_hparams(divergence, temperature, beta)
   b, l, v = s_logits.shape
   mask = _check_mask(mask, (b, l))
   if weights is not None:
-    _weights_or_mean(mask, weights, (b, l))  # checked before the chunks are traced
+    reduction_weights(mask, weights, (b, l))  # checked before the chunks are traced
   fn = _divergence(divergence)
-  c = _chunk_len(b, l, v, chunk_size)
+  c = chunks.chunk_len(b, l, v, chunk_size)
 
   @jax.checkpoint
   def body(start):
-    s_c, t_c = _slice(s_logits, start, c), _slice(t_logits, start, c)
+    s_c, t_c = chunks.take(s_logits, start, c), chunks.take(t_logits, start, c)
     return fn(s_c.astype(jnp.float32), t_c.astype(jnp.float32), temperature, beta)
 
-  per_token = _unchunk(jax.lax.map(body, _starts(l, c)), l)
+  per_token = chunks.unchunk(jax.lax.map(body, chunks.starts(l, c)), l)
   return masked_sequence_mean(per_token, mask, weights=weights)
-
-
-# --- fused with the unembedding ------------------------------------------------------------------
-
-def _matmul(h: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.matmul(h, w, preferred_element_type=jnp.float32).astype(jnp.float32)
-
-
-def _sharded_like(x: jax.Array, like: jax.Array) -> jax.Array:
-  """``x`` resharded as ``like`` under explicit mesh axes (a cotangent must match its primal's
-  type there); unchanged otherwise."""
-  want = jax.typeof(like).sharding
-  mesh = getattr(want, "mesh", None)
-  if mesh is None or mesh.empty or not mesh.are_all_axes_explicit or jax.typeof(x).sharding == want:
-    return x
-  return jax.sharding.reshard(x, want.spec)
-
-
-def _reduce(per_token: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.where(w != 0, w * per_token, 0.0), axis=-1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(divergence, c, s_h, s_w, t_h, t_w, w, hp):
-  """``[B, L, D]`` hidden states, ``[B, L]`` token weights -> ``[B]`` losses."""
-  fn = _divergence(divergence)
-
-  def body(start):
-    s_c, t_c = _slice(s_h, start, c), _slice(t_h, start, c)
-    return fn(_matmul(s_c, s_w), _matmul(t_c, t_w), hp[0], hp[1])
-
-  return _reduce(_unchunk(jax.lax.map(body, _starts(s_h.shape[1], c)), s_h.shape[1]), w)
-
-
-def _fused_fwd(divergence, c, s_h, s_w, t_h, t_w, w, hp):
-  # The loss is linear in the per-token divergences, so each chunk's gradient (for the token
-  # weights w) is computed right away, while its logits exist: the backward pass then needs no
-  # recomputation of the [chunk, D] x [D, V] products (jax.checkpoint would redo both: ~1.5x the
-  # matmul work). d/dh is exact for any cotangent (a token's h only feeds its own divergence);
-  # d/dW sums over tokens: exact here for a cotangent uniform over the batch (a mean or sum of
-  # the losses), and recomputed chunk by chunk in _fused_bwd otherwise.
-  fn = _divergence(divergence)
-  l = s_h.shape[1]
-  # Tokens of an overlapping last chunk that an earlier chunk already covered get weight 0 here.
-  fresh = _unchunk_mask(l, c)
-
-  def body(dw, xs):
-    start, keep = xs
-    s_c, t_c, w_c = _slice(s_h, start, c), _slice(t_h, start, c), _slice(w, start, c) * keep
-    t_logits = _matmul(t_c, t_w)
-    per_token, vjp = jax.vjp(lambda h, u: fn(_matmul(h, u), t_logits, hp[0], hp[1]), s_c, s_w)
-    dh_c, dw_c = vjp(_sharded_like(w_c, per_token))
-    return dw + dw_c.astype(jnp.float32), (per_token, dh_c)
-
-  dw, (per_token, dh) = jax.lax.scan(body, jnp.zeros_like(s_w, dtype=jnp.float32),
-                                     (_starts(l, c), fresh))
-  loss = _reduce(_unchunk(per_token, l), w)
-  return loss, (s_h, s_w, t_h, t_w, w, hp, _unchunk(dh, l), dw)
-
-
-def _unchunk_mask(length: int, c: int) -> jax.Array:
-  """``[num, 1, c]``: 1 for the positions each chunk is the first to cover."""
-  starts = np.minimum(np.arange(-(-length // c)) * c, length - c)
-  pos = starts[:, None] + np.arange(c)[None, :]
-  first = np.concatenate([[0], starts[:-1] + c])  # positions before this were covered already
-  return jnp.asarray((pos >= first[:, None])[:, None, :], jnp.float32)
-
-
-def _fused_bwd(divergence, c, res, g):
-  s_h, s_w, t_h, t_w, w, hp, dh, dw = res
-  fn = _divergence(divergence)
-  l = s_h.shape[1]
-
-  def recompute_dw():  # exact for any g: the chunks again, with token weights w * g
-    wg = w * g[:, None]
-
-    def body(acc, xs):
-      start, keep = xs
-      s_c, t_c, w_c = _slice(s_h, start, c), _slice(t_h, start, c), _slice(wg, start, c) * keep
-      t_logits = _matmul(t_c, t_w)
-      per_token, vjp = jax.vjp(lambda u: fn(_matmul(s_c, u), t_logits, hp[0], hp[1]), s_w)
-      return acc + vjp(_sharded_like(w_c, per_token))[0].astype(jnp.float32), None
-
-    return jax.lax.scan(body, jnp.zeros_like(s_w, dtype=jnp.float32),
-                        (_starts(l, c), _unchunk_mask(l, c)))[0]
-
-  dw = jax.lax.cond(jnp.all(g == g[0]), lambda: dw * g[0], recompute_dw)
-  dh = dh * g[:, None, None].astype(dh.dtype)
-  # The teacher is a fixed target: no gradient to t_h, t_w (as if wrapped in stop_gradient).
-  return dh.astype(s_h.dtype), dw.astype(s_w.dtype), None, None, None, None
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-def fused_token_kd(s_hidden: jax.Array, s_unembed: jax.Array, t_hidden: jax.Array,
-                   t_unembed: jax.Array, mask: jax.Array, *, divergence: str = "kd",
-                   chunk_size: int | None = None, temperature: float = 1.0,
-                   beta: float = 0.5, weights: jax.Array | None = None) -> jax.Array:
-  """Token-level distillation from hidden states, never materializing ``[B * L, V]`` logits.
-
-  Equal to ``token_loss(divergence, s_hidden @ s_unembed, t_hidden @ t_unembed, mask, ...)``.
-  Tokens are processed ``chunk_size`` at a time (every sequence's ``chunk_size // batch``
-  consecutive positions) with ``lax.scan``: each chunk's student and teacher logits are computed,
-  reduced to per-token divergences and, under differentiation, to that chunk's contribution to
-  the gradients, then dropped. Peak extra memory is a few ``[chunk_size, V]`` float32 blocks plus
-  one ``[Ds, V]`` gradient accumulator.
-
-  Gradients: w.r.t. ``s_hidden`` and ``s_unembed``. The teacher is a fixed target: its hidden
-  states and unembedding get zero gradient. The ``s_unembed`` gradient is computed during the
-  forward pass for the common cotangent (a mean or sum over the batch); any other weighting of
-  the per-sequence losses is also exact but recomputes the chunks once more. Reverse-mode only
-  (``jax.grad``/``jax.vjp``; no ``jax.jvp``).
-
-  Args:
-    s_hidden: ``[B, L, Ds]`` student final (normed) hidden states, the unembedding's input.
-    s_unembed: ``[Ds, V]`` student unembedding matrix (tied models: the embedding transposed).
-    t_hidden: ``[B, L, Dt]`` teacher final hidden states.
-    t_unembed: ``[Dt, V]`` teacher unembedding matrix.
-    mask: ``[B, L]`` token mask (1 = counts).
-    divergence: one of ``DIVERGENCES``.
-    chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of about 64 MiB.
-    temperature: softening temperature, > 0 (may be a traced scalar).
-    beta: JSD mixing weight in (0, 1) (``jsd`` only).
-    weights: optional float ``[B, L]`` token weights replacing the per-sequence mean.
-
-  Returns:
-    ``[B]`` per-sequence losses.
-  """
-  for name, x, rank in (("s_hidden", s_hidden, 3), ("s_unembed", s_unembed, 2),
-                        ("t_hidden", t_hidden, 3), ("t_unembed", t_unembed, 2)):
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-      raise TypeError(f"{name}: expected a floating array, got dtype {jnp.asarray(x).dtype}")
-    if jnp.ndim(x) != rank:
-      raise ValueError(f"{name}: expected rank {rank}, got shape {jnp.shape(x)}")
-  b, l, ds = s_hidden.shape
-  if t_hidden.shape[:2] != (b, l):
-    raise ValueError(f"t_hidden: expected [batch, length] = {(b, l)} leading axes, got {t_hidden.shape}")
-  if s_unembed.shape[0] != ds:
-    raise ValueError(f"s_unembed: expected [{ds}, vocab] (s_hidden's width first), got {s_unembed.shape}")
-  if t_unembed.shape[0] != t_hidden.shape[2]:
-    raise ValueError(f"t_unembed: expected [{t_hidden.shape[2]}, vocab] (t_hidden's width first), "
-                     f"got {t_unembed.shape}")
-  if s_unembed.shape[1] != t_unembed.shape[1]:
-    raise ValueError(f"s_unembed and t_unembed: vocab sizes differ: {s_unembed.shape[1]} vs "
-                     f"{t_unembed.shape[1]}")
-  _check_hparams(divergence, temperature, beta)
-  w = _weights_or_mean(mask, weights, (b, l))
-  hp = jnp.stack([jnp.asarray(temperature, jnp.float32), jnp.asarray(beta, jnp.float32)])
-  c = _chunk_len(b, l, s_unembed.shape[1], chunk_size)
-  return _fused(divergence, c, s_hidden, s_unembed, t_hidden, t_unembed, w, hp)
 
 
 # --- top-k teacher -------------------------------------------------------------------------------
@@ -446,7 +257,7 @@ def topk_kd(s_logits: jax.Array, topk_logprobs: jax.Array, topk_indices: jax.Arr
   _checks.positive("temperature", temperature)
   mask = _check_mask(mask, s.shape[:2])
   if weights is not None:
-    _weights_or_mean(mask, weights, s.shape[:2])
+    reduction_weights(mask, weights, s.shape[:2])
 
   log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
   log_ps_k = jnp.take_along_axis(log_ps, idx, axis=-1)

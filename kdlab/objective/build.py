@@ -12,6 +12,7 @@ from flax import nnx
 from kdlab.errors import UserError
 from kdlab.objective import registry
 from kdlab.objective.schedules import make_schedule
+from kdlab.objective.terms import fused
 from kdlab.objective.types import Shapes, StepInputs, Term, TermFn
 
 
@@ -36,11 +37,8 @@ class Objective:
     Each term's per-example loss is averaged over ``batch["mask"]``, weighted by
     its schedule at ``inputs.step``, and summed.
     """
-    weighted, metrics, new_states = self.term_losses(connectors, inputs, states)
-    total = jnp.zeros((), jnp.float32)
-    for value in weighted.values():
-      total = total + value
-    return total, metrics, new_states
+    out = self.evaluate(connectors, inputs, states)
+    return out.total, out.metrics, out.states
 
   def term_losses(self, connectors: Mapping[str, Any], inputs: StepInputs, states: Mapping[str, Any]
                   ) -> tuple[dict[str, jax.Array], dict[str, tuple[jax.Array, jax.Array]], dict[str, Any]]:
@@ -48,35 +46,83 @@ class Objective:
 
     The train step differentiates them separately for the ``grad_norm/<term>`` metrics.
     """
+    out = self.evaluate(connectors, inputs, states, per_term=True)
+    return out.losses, out.metrics, out.states
+
+  def evaluate(self, connectors: Mapping[str, Any], inputs: StepInputs, states: Mapping[str, Any], *,
+               per_term: bool = False) -> Evaluation:
+    """The terms on one step's inputs (see :class:`Evaluation`).
+
+    The ``impl="fused"`` token terms of the student's head are evaluated in one pass
+    (:mod:`kdlab.objective.terms.fused`), unless ``per_term`` (each term's loss on its own, to be
+    differentiated separately).
+    """
     mask = inputs.batch["mask"].astype(jnp.float32)
     count = jnp.sum(mask)
-    total = jnp.zeros((), jnp.float32)
-    weighted: dict[str, jax.Array] = {}
+    losses: dict[str, jax.Array] = {}
     metrics: dict[str, tuple[jax.Array, jax.Array]] = {}
     new_states = dict(states)
+
+    def record(term: Term, per_example: jax.Array, weight: jax.Array) -> jax.Array:
+      loss_sum = jnp.sum(per_example * mask)
+      metrics[f"{term.group}/{term.name}"] = (loss_sum, count)
+      metrics[f"weight/{term.name}"] = (weight, jnp.ones((), jnp.float32))
+      return weight * loss_sum / jnp.maximum(count, 1.0)
+
+    passes = [] if per_term else fused.groups([t.fn for t in self.terms])
+    in_pass = {i for group in passes for i in group}
     keys = jax.random.split(inputs.key, max(len(self.terms), 1))
-    for term, key in zip(self.terms, keys):
+    for i, (term, key) in enumerate(zip(self.terms, keys)):
+      if i in in_pass:
+        continue
       per_example, state = term.fn(connectors.get(term.name), dataclasses.replace(inputs, key=key),
                                    states.get(term.name))
       if state is not None:
         new_states[term.name] = state
       # Token-level terms return [B, L]; reduce extra axes per example first.
       per_example = per_example.reshape(per_example.shape[0], -1).mean(axis=1)
-      loss_sum = jnp.sum(per_example * mask)
-      weight = term.weight(inputs.step)
-      weighted[term.name] = weight * loss_sum / jnp.maximum(count, 1.0)
-      total = total + weighted[term.name]
-      metrics[f"{term.group}/{term.name}"] = (loss_sum, count)
-      metrics[f"weight/{term.name}"] = (weight, jnp.ones((), jnp.float32))
+      losses[term.name] = record(term, per_example, term.weight(inputs.step))
+    predictions = None
+    for group in passes:
+      terms = [self.terms[i] for i in group]
+      weights = jnp.stack([jnp.asarray(t.weight(inputs.step), jnp.float32) for t in terms])
+      out = fused.evaluate([t.fn for t in terms], inputs, weights)
+      for k, term in enumerate(terms):
+        record(term, out.per_part[k], weights[k])  # logged; the gradient flows through out.combined
+      losses["+".join(t.name for t in terms)] = jnp.sum(out.combined * mask) / jnp.maximum(count, 1.0)
+      predictions = out.predictions if predictions is None else predictions
+    total = jnp.zeros((), jnp.float32)
+    for value in losses.values():
+      total = total + value
     metrics["loss"] = (total * count, count)
-    return weighted, metrics, new_states
+    return Evaluation(total, losses, metrics, new_states, predictions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One evaluation of the objective.
+
+  Attributes:
+    total: the loss (a scalar).
+    losses: weighted losses summing to ``total``: one per term, or per fused pass (named
+      ``"ce+kd"``, its terms joined by ``+``).
+    metrics: ``(sum, count)`` pairs: ``<group>/<term>``, ``weight/<term>``, ``loss``.
+    states: the new term states.
+    predictions: ``[B, L]`` the student's argmax tokens, when a fused pass computed them (no
+      ``[B, L, V]`` logits exist then), else None.
+  """
+  total: jax.Array
+  losses: dict[str, jax.Array]
+  metrics: dict[str, tuple[jax.Array, jax.Array]]
+  states: dict[str, Any]
+  predictions: jax.Array | None
 
 
 def build(specs: Sequence[Mapping[str, Any]], shapes: Shapes, rngs: nnx.Rngs) -> Objective:
   """Builds the objective of ``config.objective``; bad specs raise :class:`UserError` naming the term."""
   if not specs:
     raise UserError("config.objective is empty; add at least one term, e.g. dict(loss='ce', weight=1.0)")
-  terms, seen = [], set()
+  terms, wheres, seen = [], [], set()
   for i, spec in enumerate(specs):
     spec = dict(spec)
     where = f"config.objective[{i}]"
@@ -98,6 +144,8 @@ def build(specs: Sequence[Mapping[str, Any]], shapes: Shapes, rngs: nnx.Rngs) ->
     except (ValueError, TypeError, KeyError) as e:
       raise UserError(f"{where}: {e}") from None
     terms.append(Term(name, group, weight, fn, connector, state))
+    wheres.append(where)
+  fused.check_chunk_sizes(wheres, [t.fn for t in terms])
   return Objective(terms)
 
 

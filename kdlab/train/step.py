@@ -250,17 +250,16 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
     def run(params, per_term: bool):
       learner = nnx.merge(graphdef, params, rest)
       s_out = forward(learner.student, x, train=True, taps=student_taps, vocab=student_vocab, **packed)
-      logits = s_out.logits
       inputs = StepInputs(s_out, t_outs, batch, state.step, key)
-      if per_term:
-        out, metrics, new_term_states = objective.term_losses(learner.connectors, inputs, term_states)
-      else:
-        out, metrics, new_term_states = objective(learner.connectors, inputs, term_states)
+      out = objective.evaluate(learner.connectors, inputs, term_states, per_term=per_term)
+      # A fused pass gives the argmax tokens: then nothing reads the student's [B, L, V] logits.
+      predictions = jnp.argmax(s_out.logits, -1) if out.predictions is None else out.predictions
       _, _, new_rest = nnx.split(learner, nnx.Param, ...)
-      return out, (metrics, new_term_states, nnx.to_pure_dict(new_rest), logits)
+      return out.losses if per_term else out.total, (out.metrics, out.states, nnx.to_pure_dict(new_rest),
+                                                     jax.lax.stop_gradient(predictions))
 
     if term_grad_norms:
-      weighted, pullback, (metrics, new_term_states, new_rest, logits) = jax.vjp(
+      weighted, pullback, (metrics, new_term_states, new_rest, predictions) = jax.vjp(
           lambda p: run(p, True), state.params, has_aux=True)
       names = list(weighted)
       (grads,) = pullback({name: ones for name in names})
@@ -277,9 +276,9 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
       for i, name in enumerate(names):
         metrics[f"grad_norm/{name}"] = (norms[i], ones)
     else:
-      (_, (metrics, new_term_states, new_rest, logits)), grads = jax.value_and_grad(
+      (_, (metrics, new_term_states, new_rest, predictions)), grads = jax.value_and_grad(
           lambda p: run(p, False), has_aux=True)(state.params)
-    return grads, dict(metrics), task.train_metrics(logits, batch), new_term_states, new_rest
+    return grads, dict(metrics), task.train_metrics(predictions, batch), new_term_states, new_rest
 
   def accumulated(state: TrainState, teacher_variables: Sequence[Any], batch: dict, key: jax.Array
                   ) -> tuple[Any, Metrics, Metrics, Any, Any]:

@@ -76,8 +76,9 @@ class Task(abc.ABC):
     """Fixed-order eval batches, padded with a ``mask`` entry (``rows`` as in :meth:`train_dataset`)."""
 
   @abc.abstractmethod
-  def train_metrics(self, logits: jax.Array, batch: dict) -> Metrics:
-    """``(sum, count)`` training metrics of the student's ``logits`` on ``batch``."""
+  def train_metrics(self, predictions: jax.Array, batch: dict) -> Metrics:
+    """``(sum, count)`` training metrics of the student's argmax ``predictions`` (``[B]`` classes or
+    ``[B, L]`` tokens) on ``batch``."""
 
   @abc.abstractmethod
   def eval_metrics(self, s_out: ModelOutput, t_out: ModelOutput | None, batch: dict,
@@ -156,9 +157,9 @@ class Classification(Task):
     return kdata.eval_batches(source, batch_size=data_cfg.eval_batch_size, mean=data_cfg.mean, std=data_cfg.std,
                               rows=rows)
 
-  def train_metrics(self, logits: jax.Array, batch: dict) -> Metrics:
+  def train_metrics(self, predictions: jax.Array, batch: dict) -> Metrics:
     mask = batch["mask"].astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    correct = (predictions == batch["label"]).astype(jnp.float32)
     return {"train/accuracy": (jnp.sum(correct * mask), jnp.sum(mask))}
 
   def eval_metrics(self, s_out: ModelOutput, t_out: ModelOutput | None, batch: dict,
@@ -343,9 +344,9 @@ class LanguageModel(Task):
   def _weights(batch: dict) -> jax.Array:
     return batch["token_mask"].astype(jnp.float32) * batch["mask"].astype(jnp.float32)[:, None]
 
-  def train_metrics(self, logits: jax.Array, batch: dict) -> Metrics:
+  def train_metrics(self, predictions: jax.Array, batch: dict) -> Metrics:
     w = self._weights(batch)
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    correct = (predictions == batch["targets"]).astype(jnp.float32)
     return {"train/accuracy": (jnp.sum(correct * w), jnp.sum(w))}
 
   def eval_metrics(self, s_out: ModelOutput, t_out: ModelOutput | None, batch: dict,

@@ -110,12 +110,12 @@ def labels(batch: Mapping[str, jax.Array], token: bool) -> jax.Array:
 
 
 def token_impl(spec: dict[str, Any], loss_fn: Callable[..., jax.Array], token: bool, group: Any,
-                s_tap: str, t_tap: str) -> tuple[str, int | None]:
-  """Pops and checks ``impl`` and ``chunk_size`` (token-level divergences)."""
+               s_tap: str, t_tap: str, impls: tuple[str, ...] = IMPLS) -> tuple[str, int | None]:
+  """Pops and checks ``impl`` (one of ``impls``) and ``chunk_size`` (token-level losses)."""
   impl = spec.pop("impl", "plain")
   chunk_size = positive_int(spec, "chunk_size", None)
-  if impl not in IMPLS:
-    raise UserError(f"impl={impl!r}: unknown; choose one of {', '.join(IMPLS)}")
+  if impl not in impls:
+    raise UserError(f"impl={impl!r}: unknown; choose one of {', '.join(impls)}")
   if impl == "plain":
     if chunk_size is not None:
       raise UserError("chunk_size applies to impl='chunked' or impl='fused'")
@@ -123,7 +123,7 @@ def token_impl(spec: dict[str, Any], loss_fn: Callable[..., jax.Array], token: b
   if not token:
     raise UserError(f"impl={impl!r} applies to token logits [batch, length, vocab] (language models); "
                     f"use impl='plain' here")
-  if loss_fn.__name__ not in sequence.DIVERGENCES:
+  if loss_fn.__name__ not in (*sequence.DIVERGENCES, "ce"):
     raise UserError(f"impl={impl!r}: only {', '.join(sequence.DIVERGENCES)} have chunked and fused forms")
   if group is not None:
     raise UserError(f"impl={impl!r} distils from one teacher (from_teacher); use impl='plain' with from_teachers")
@@ -133,10 +133,10 @@ def token_impl(spec: dict[str, Any], loss_fn: Callable[..., jax.Array], token: b
   return impl, chunk_size
 
 
-def check_fused(output: Any, side: str) -> None:
+def check_fused(output: Any, side: str, fallback: str = "impl='chunked'") -> None:
   if output.unembedding is None or "final" not in output.feats:
     raise UserError(f"impl='fused' needs the {side} model's unembedding and feats['final'] (e.g. a gpt model); "
-                    f"use impl='chunked'")
+                    f"use {fallback}")
 
 
 def positive_int(spec: dict[str, Any], key: str, default: int | None) -> int | None:

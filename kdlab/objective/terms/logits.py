@@ -10,20 +10,26 @@ import jax.numpy as jnp
 
 from kdlab import losses
 from kdlab.errors import UserError
-from kdlab.losses import sequence
+from kdlab.losses import fused_head, sequence
 from kdlab.losses.ensembles import METHODS as COMBINE_METHODS
 from kdlab.objective.registry import register_term
-from kdlab.objective.terms import common
+from kdlab.objective.terms import common, fused
 from kdlab.objective.types import CACHE_KEYS, Shapes, StepInputs
 
 
 @register_term("ce", group="task")
 def _ce(spec: dict[str, Any], *, shapes: Shapes, rngs: Any):
   """Cross-entropy with the labels; for token logits with ``batch["targets"]``, per sequence (or
-  weighted by ``batch["token_weights"]`` under ``config.train.token_normalization="global"``)."""
+  weighted by ``batch["token_weights"]`` under ``config.train.token_normalization="global"``).
+  Token logits also take ``impl="fused"`` (and ``chunk_size``): computed from the student's
+  final hidden states and unembedding chunk by chunk (:mod:`kdlab.objective.terms.fused`)."""
   tap = spec.pop("student", "logits")
   token = common.is_token(common.tap_shape(shapes.student, tap, "student"))
+  impl, chunk_size = common.token_impl(spec, losses.ce, token, None, tap, "logits", impls=("plain", "fused"))
   hparams = common.hparams(losses.ce, spec)
+  if impl == "fused":
+    common.check_fused(shapes.student, "student", fallback="impl='plain'")
+    return fused.FusedHeadTerm(fused_head.Part(fused_head.CE, **hparams), None, chunk_size), None, None
 
   def fn(connector: Any, inputs: StepInputs, state: Any):
     loss = losses.ce(inputs.student.tap(tap), common.labels(inputs.batch, token), **hparams)
@@ -92,7 +98,7 @@ def logit_pair_term(loss_fn: Callable[..., jax.Array], *, needs_labels: bool = F
       mask = common.token_mask(inputs.batch) if token else None
       if impl == "fused":
         s_out, t_out = inputs.student, common.teacher_output(inputs, teachers[0])
-        return sequence.fused_token_kd(s_out.feats["final"], s_out.unembedding, t_out.feats["final"],
+        return fused_head.fused_token_kd(s_out.feats["final"], s_out.unembedding, t_out.feats["final"],
                                        t_out.unembedding, mask, divergence=loss_fn.__name__, chunk_size=chunk_size,
                                        weights=weights, **hparams)
       s, t = inputs.student.tap(s_tap), target(inputs)
@@ -110,6 +116,8 @@ def logit_pair_term(loss_fn: Callable[..., jax.Array], *, needs_labels: bool = F
     def fn(connector: Any, inputs: StepInputs, state: Any):
       return per_sequence(inputs, common.token_weights(inputs.batch) if token else None), None
 
+    if impl == "fused" and length_normalize:
+      fn = fused.FusedHeadTerm(fused_head.Part(loss_fn.__name__, **hparams), teachers[0], chunk_size)
     if not length_normalize:
       # The sum over the sequence's tokens (mean x count) instead of their mean; a per-sequence sum
       # whatever config.train.token_normalization (its batch mean already weighs every token alike).
