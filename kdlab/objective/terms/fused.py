@@ -53,12 +53,11 @@ def evaluate(fns: Sequence[FusedHeadTerm], inputs: StepInputs, coef: jax.Array |
 def groups(fns: Sequence[Any]) -> list[list[int]]:
   """Indices of the fused terms among ``fns``, grouped into passes: the ``ce`` terms join the first
   teacher's pass; terms of another teacher make passes of their own."""
+  fused = [i for i, fn in enumerate(fns) if isinstance(fn, FusedHeadTerm)]
+  first_teacher = next((fns[i].teacher for i in fused if fns[i].teacher is not None), None)
   passes: dict[Any, list[int]] = {}
-  for i, fn in enumerate(fns):
-    if isinstance(fn, FusedHeadTerm):
-      key = fn.teacher if fn.teacher is not None else next(
-          (f.teacher for f in fns if isinstance(f, FusedHeadTerm) and f.teacher is not None), None)
-      passes.setdefault(key, []).append(i)
+  for i in fused:
+    passes.setdefault(first_teacher if fns[i].teacher is None else fns[i].teacher, []).append(i)
   return list(passes.values())
 
 
